@@ -1,0 +1,281 @@
+"""The ``ddpm-perf`` command line (also ``python -m ddpm_perf``)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from . import __version__
+from .errors import UserError
+
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmpp": 20}
+
+
+def _fail(message: str) -> None:
+    click.echo(f"ddpm-perf: error: {message}", err=True)
+    sys.exit(UserError.exit_code)
+
+
+def user_errors(fn):
+    """Turn UserError (and a few OS errors) into one line and exit code 2; --debug shows tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if debug:
+                raise
+            _fail(str(e))
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            _fail("interrupted; nothing partial was written")
+
+    return wrapper
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this torch has no CUDA device here "
+                        f"(torch {torch.__version__}); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def positive(ctx, param, value):
+    if value is not None and value <= 0:
+        raise UserError(f"--{param.name.replace('_', '-')} must be positive, got {value}")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ddpm-perf")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def main(debug: bool) -> None:
+    """ddpm-perf: fast DDPM sampling and training with pluggable speedups."""
+
+
+plugins_option = click.option(
+    "--plugins", default="", metavar="SPEC",
+    help="Plugins to apply, e.g. 'channels_last' or 'int8(calib_batches=8),compile(mode=max-autotune)'. "
+         "See 'ddpm-perf plugins'.")
+device_option = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+
+
+@main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="A ddpm-perf .safetensors checkpoint (default: the embedded digits model).")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp"]), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=None, callback=positive,
+              help="Sampler steps (default: ddpm 1000, ddim 50, dpmpp 20).")
+@click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise scale (0: deterministic).")
+@click.option("--spacing", type=click.Choice(["leading", "trailing", "linspace"]), default=None,
+              help="Timestep spacing (default: ddim leading, dpmpp linspace).")
+@click.option("--num", type=int, default=64, show_default=True, callback=positive, help="Number of images.")
+@click.option("--batch-size", type=int, default=64, show_default=True, callback=positive)
+@click.option("--seed", type=int, default=0, show_default=True)
+@device_option
+@plugins_option
+@click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
+              help="FILE.png: a grid; FILE.npz: uint8 NHWC array 'images'; DIR: one PNG per image.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@user_errors
+def sample(checkpoint, sampler, steps, eta, spacing, num, batch_size, seed, device, plugins, out, progress):
+    """Generate images with a diffusion model."""
+    from .diffusion.samplers import make_sampler
+    from .engine import SamplingEngine, peak_memory
+    from .io import check_output_path, save_images, to_uint8
+    from .model.checkpoint import default_checkpoint, load_checkpoint
+    from .plugins import PluginHost
+
+    out = check_output_path(out)
+    device = resolve_device(device)
+    host = PluginHost.from_spec(plugins)
+    ckpt = load_checkpoint(checkpoint or default_checkpoint())
+    from .diffusion.schedule import Diffusion
+
+    steps = steps or DEFAULT_STEPS[sampler]
+    engine = SamplingEngine(ckpt, make_sampler(sampler, Diffusion(ckpt.schedule_config), steps, eta, spacing),
+                            host, device, batch_size)
+    images = engine.sample(num, seed=seed, progress=progress)
+    save_images(to_uint8(images), out)
+    s = engine.stats
+    for line in engine.ctx.report:
+        click.echo(line)
+    click.echo(f"wrote {num} images to {out}: {s.seconds:.1f} s, {s.seconds_per_step * 1e3:.1f} ms/step, "
+               f"{s.images_per_second:.1f} images/s, {peak_memory(device)}"
+               + (f", plugins: {','.join(host.names)}" if host.names else ""))
+
+
+@main.command()
+@click.option("--config", "config_name", default="digits", show_default=True,
+              help="Named model config: digits, cifar10, celeba64, celebahq256.")
+@click.option("--data", "data_name", type=click.Choice(["digits", "cifar10", "folder"]), default="digits",
+              show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Folder of the data set (cifar10: the extracted cifar-10-batches-py; folder: images).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/digits"), show_default=True,
+              help="Run folder: checkpoint.safetensors and samples/ go here.")
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue a run from its checkpoint (other training options come from it; --steps may extend).")
+@click.option("--init", type=click.Path(path_type=Path), default=None, help="Start from these weights.")
+@click.option("--steps", type=int, default=None, callback=positive, help="Total optimizer steps [10000].")
+@click.option("--batch-size", type=int, default=128, show_default=True, callback=positive)
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--warmup", type=int, default=5000, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True)
+@click.option("--ema-decay", type=float, default=0.9999, show_default=True)
+@click.option("--dropout", type=float, default=None, help="Override the config's dropout.")
+@click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--checkpoint-every", type=int, default=1000, show_default=True, callback=positive)
+@click.option("--sample-every", type=int, default=0, show_default=True, help="Write a sample grid every N steps.")
+@device_option
+@plugins_option
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@user_errors
+def train(config_name, data_name, data_dir, out, resume, init, steps, batch_size, lr, warmup, grad_clip,
+          ema_decay, dropout, hflip, seed, checkpoint_every, sample_every, device, plugins, progress):
+    """Train a DDPM (eps-prediction, linear schedule) from scratch, from --init, or --resume a run."""
+    import dataclasses
+
+    from .diffusion.schedule import ScheduleConfig
+    from .model.checkpoint import load_checkpoint
+    from .model.config import get_config
+    from .plugins import PluginHost
+    from .train import DataSpec, TrainConfig, Trainer
+
+    device = resolve_device(device)
+    host = PluginHost.from_spec(plugins)
+    if resume:
+        trainer = Trainer.resume(resume, host, device, steps)
+    else:
+        config = get_config(config_name)
+        if dropout is not None:
+            config = dataclasses.replace(config, dropout=dropout)
+        cfg = TrainConfig(steps=steps or 10_000, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip,
+                          ema_decay=ema_decay, hflip=hflip, seed=seed, checkpoint_every=checkpoint_every,
+                          sample_every=sample_every)
+        init_ckpt = load_checkpoint(init) if init else None
+        trainer = Trainer(config, ScheduleConfig(), DataSpec(data_name, str(data_dir) if data_dir else None), cfg,
+                          out, host, device, init_ckpt)
+    losses = trainer.run(progress=progress)
+    tail = losses[-100:] or [float("nan")]
+    click.echo(f"trained to step {trainer.step} ({trainer.steps_run} steps, {trainer.seconds:.0f} s, "
+               f"{trainer.steps_run / max(trainer.seconds, 1e-9):.2f} steps/s); mean loss of the last "
+               f"{len(tail)} steps {sum(tail) / len(tail):.4f}; checkpoint: {trainer.checkpoint_path}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
+              show_default=True, help="Storage dtype of the weights (loaded back as float32).")
+@user_errors
+def convert(source, dest, dtype):
+    """Write SOURCE as a sampling checkpoint DEST: a diffusers UNet2DModel or DDPM pipeline folder,
+    or a ddpm-perf training checkpoint (its EMA weights, without optimizer state)."""
+    from .model.checkpoint import load_checkpoint, save_checkpoint
+
+    if dest.suffix != ".safetensors":
+        raise UserError(f"{dest}: the destination must be a .safetensors file")
+    if not dest.parent.is_dir():
+        raise UserError(f"{dest}: folder {dest.parent} does not exist; create it first")
+    if source.is_dir():
+        from .model.diffusers_import import load_diffusers
+
+        ckpt = load_diffusers(source)
+    else:
+        ckpt = load_checkpoint(source)
+    save_checkpoint(dest, ckpt.model_config, ckpt.schedule_config, ckpt.weights, dtype=getattr(torch, dtype))
+    click.echo(f"wrote {dest} ({dest.stat().st_size / 2**20:.1f} MiB, {dtype})")
+
+
+@main.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_plugins(as_json: bool) -> None:
+    """List the plugins installed here: origin, phase, availability, options."""
+    from .plugins import discover
+
+    rows = []
+    for info in discover().values():
+        cls = info.load()
+        row = {"name": info.name, "distribution": info.distribution, "version": info.version,
+               "target": info.target}
+        if cls is None:
+            row.update(status=f"broken: {info.error}")
+        else:
+            reason = cls.available()
+            row.update(phase=cls.phase.name.lower(), description=cls.description,
+                       status="available" if reason is None else f"unavailable: {reason}",
+                       conflicts=list(cls.conflicts),
+                       options={k: o.describe() for k, o in cls.options.items()})
+        rows.append(row)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        head = f"{row['name']}  ({row['distribution']} {row['version']})"
+        if "phase" in row:
+            head += f"  phase={row['phase']}  {row['status']}"
+            click.echo(head)
+            click.echo(f"    {row['description']}")
+            for name, text in row["options"].items():
+                click.echo(f"    {name}: {text}")
+            if row["conflicts"]:
+                click.echo(f"    conflicts with: {', '.join(row['conflicts'])}")
+        else:
+            click.echo(f"{head}  {row['status']}")
+
+
+@main.command()
+def info() -> None:
+    """Versions, devices, CPU features and the plugin backends of this installation."""
+    from .model.checkpoint import default_checkpoint
+
+    click.echo(f"ddpm-perf {__version__}")
+    click.echo(f"python {platform.python_version()}  torch {torch.__version__}  "
+               f"threads {torch.get_num_threads()}  platform {platform.platform()}")
+    click.echo(f"cuda: {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}"
+               f"  (torch built with CUDA {torch.version.cuda or 'no'})")
+    click.echo(f"cpu capability: {torch.backends.cpu.get_cpu_capability()}  "
+               f"mkldnn: {torch.backends.mkldnn.is_available()}")
+    flags = _cpu_flags()
+    if flags is not None:
+        wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile"]
+        click.echo("cpu features: " + " ".join(f"{f}{'+' if f in flags else '-'}" for f in wanted))
+    try:
+        import ddpm_perf._C  # noqa: F401  (built by setup.py when a compiler is present)
+
+        click.echo("extension ddpm_perf._C: built")
+    except ImportError as e:
+        click.echo(f"extension ddpm_perf._C: not built ({e}); ops use their PyTorch reference implementations")
+    click.echo(f"embedded model: {default_checkpoint()}")
+
+
+def _cpu_flags() -> set[str] | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        return None
+    return None
+
+
+if __name__ == "__main__":
+    main()
