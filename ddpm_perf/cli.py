@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import platform
 import sys
@@ -17,29 +16,36 @@ from .errors import UserError
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmpp": 20}
 
 
-def _fail(message: str) -> None:
-    click.echo(f"ddpm-perf: error: {message}", err=True)
-    sys.exit(UserError.exit_code)
+class DdpmPerfGroup(click.Group):
+    """Every error a user can cause, click's usage errors included, becomes one line and exit 2;
+    ``--debug`` shows the traceback instead."""
 
-
-def user_errors(fn):
-    """Turn UserError (and a few OS errors) into one line and exit code 2; --debug shows tracebacks."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        debug = click.get_current_context().find_root().params.get("debug", False)
+    def main(self, args=None, prog_name=None, **kwargs):
+        args = sys.argv[1:] if args is None else list(args)
+        debug = "--debug" in args
         try:
-            return fn(*args, **kwargs)
+            rv = super().main(args, prog_name, standalone_mode=False, **kwargs)
         except UserError as e:
             if debug:
                 raise
-            _fail(str(e))
-        except KeyboardInterrupt:
+            self._fail(str(e))
+        except click.UsageError as e:
             if debug:
                 raise
-            _fail("interrupted; nothing partial was written")
+            hint = f"; see 'ddpm-perf {e.ctx.info_name} --help'" if e.ctx and e.ctx.parent else ""
+            self._fail(e.format_message().replace("\n", " ") + hint)
+        except click.ClickException as e:
+            self._fail(e.format_message())
+        except (click.Abort, KeyboardInterrupt):
+            if debug:
+                raise
+            self._fail("interrupted; nothing partial was written")
+        sys.exit(rv if isinstance(rv, int) else 0)
 
-    return wrapper
+    @staticmethod
+    def _fail(message: str) -> None:
+        click.echo(f"ddpm-perf: error: {message}", err=True)
+        sys.exit(UserError.exit_code)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,7 +67,7 @@ def positive(ctx, param, value):
     return value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=DdpmPerfGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="ddpm-perf")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def main(debug: bool) -> None:
@@ -92,7 +98,6 @@ device_option = click.option("--device", default="cpu", show_default=True, help=
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
               help="FILE.png: a grid; FILE.npz: uint8 NHWC array 'images'; DIR: one PNG per image.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@user_errors
 def sample(checkpoint, sampler, steps, eta, spacing, num, batch_size, seed, device, plugins, out, progress):
     """Generate images with a diffusion model."""
     from .diffusion.samplers import make_sampler
@@ -146,7 +151,6 @@ def sample(checkpoint, sampler, steps, eta, spacing, num, batch_size, seed, devi
 @device_option
 @plugins_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
-@user_errors
 def train(config_name, data_name, data_dir, out, resume, init, steps, batch_size, lr, warmup, grad_clip,
           ema_decay, dropout, hflip, seed, checkpoint_every, sample_every, device, plugins, progress):
     """Train a DDPM (eps-prediction, linear schedule) from scratch, from --init, or --resume a run."""
@@ -184,7 +188,6 @@ def train(config_name, data_name, data_dir, out, resume, init, steps, batch_size
 @click.argument("dest", type=click.Path(path_type=Path))
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32",
               show_default=True, help="Storage dtype of the weights (loaded back as float32).")
-@user_errors
 def convert(source, dest, dtype):
     """Write SOURCE as a sampling checkpoint DEST: a diffusers UNet2DModel or DDPM pipeline folder,
     or a ddpm-perf training checkpoint (its EMA weights, without optimizer state)."""

@@ -50,7 +50,12 @@ class Option:
     choices: tuple | None = None
 
     def parse(self, plugin: str, name: str, text: str) -> Any:
-        expected = "/".join(map(str, self.choices)) if self.choices else self.type.__name__
+        if self.choices:
+            expected = "/".join(map(str, self.choices))
+        elif self.type is bool:
+            expected = "bool (true/false, yes/no, on/off, 1/0)"
+        else:
+            expected = self.type.__name__
         try:
             if self.type is bool:
                 low = text.lower()
@@ -135,9 +140,10 @@ def discover() -> dict[str, PluginInfo]:
     for ep in md.entry_points(group=ENTRY_POINT_GROUP):
         dist = ep.dist
         info = PluginInfo(ep.name, ep.value, dist.name if dist else "?", dist.version if dist else "?", ep)
-        if ep.name in found and found[ep.name].target != ep.value:
-            info.error = f"name clash with {found[ep.name].target} from {found[ep.name].distribution}"
-        found.setdefault(ep.name, info)
+        first = found.setdefault(ep.name, info)
+        if first.target != ep.value:  # mark the entry that is kept, listed and selected
+            first.error = (f"name clash: {first.target} from {first.distribution} and "
+                           f"{ep.value} from {info.distribution}; uninstall one of them")
     return dict(sorted(found.items()))
 
 
@@ -168,12 +174,14 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
         name, _, rest = item.partition("(")
         name, options = name.strip(), {}
         if rest:
-            if not rest.endswith(")"):
+            if not rest.endswith(")") or ")" in rest[:-1]:
                 raise UserError(f"--plugins: text after ')' in {item!r}")
             for pair in filter(None, (p.strip() for p in rest[:-1].split(","))):
                 key, eq, value = pair.partition("=")
                 if not eq or not key.strip():
                     raise UserError(f"--plugins: option {pair!r} of {name} must be written key=value")
+                if key.strip() in options:
+                    raise UserError(f"--plugins: option {key.strip()} of {name} is given twice")
                 options[key.strip()] = value.strip()
         if not name.isidentifier():
             raise UserError(f"--plugins: {name!r} is not a plugin name")

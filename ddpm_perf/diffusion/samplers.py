@@ -70,7 +70,7 @@ class DDPMSampler(Sampler):
     def __init__(self, diffusion: Diffusion, num_steps: int | None = None, variance_type: str | None = None,
                  clip_sample: bool | None = None):
         cfg = diffusion.config
-        super().__init__(diffusion, num_steps or diffusion.num_timesteps)
+        super().__init__(diffusion, diffusion.num_timesteps if num_steps is None else num_steps)
         self.variance_type = variance_type or cfg.variance_type
         if self.variance_type not in VARIANCE_TYPES:
             raise UserError(f"variance_type {self.variance_type!r} is not one of {', '.join(VARIANCE_TYPES)}")
@@ -138,9 +138,15 @@ class DPMSolverPPSampler(Sampler):
         T = diffusion.num_timesteps
         if spacing == "linspace":
             timesteps = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1].astype(np.int64)
+        elif spacing == "leading":
+            # Like linspace, diffusers spaces num_steps + 1 points and drops the last (t = 0).
+            timesteps = (np.arange(num_steps + 1) * (T // (num_steps + 1))).round()[::-1][:-1].astype(np.int64)
         else:
             timesteps = np.array(spaced_timesteps(T, num_steps, spacing), dtype=np.int64)
         self.timesteps = [int(t) for t in timesteps]
+        if len(set(self.timesteps)) < num_steps:
+            raise UserError(f"dpmpp with {num_steps} steps and {spacing} spacing repeats timesteps; "
+                            f"use at most {T // 2} steps")
         ab = diffusion.alphas_cumprod
         sigmas = (((1 - ab) / ab) ** 0.5).numpy()
         sigmas = np.interp(timesteps, np.arange(len(sigmas)), sigmas)
@@ -179,7 +185,11 @@ def make_sampler(name: str, diffusion: Diffusion, num_steps: int | None, eta: fl
                  spacing: str | None = None) -> Sampler:
     if name not in SAMPLERS:
         raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    if eta and name != "ddim":
+        raise UserError(f"--eta applies to the ddim sampler only, not {name}")
     if name == "ddpm":
+        if spacing not in (None, "leading"):
+            raise UserError("the ddpm sampler uses leading spacing only; drop --spacing")
         return DDPMSampler(diffusion, num_steps)
     if num_steps is None:
         num_steps = 50

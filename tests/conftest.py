@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny models and checkpoints, so the suite runs in minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ddpm_perf.diffusion.schedule import ScheduleConfig
+from ddpm_perf.model.checkpoint import save_checkpoint
+from ddpm_perf.model.config import CONFIGS, UNetConfig
+from ddpm_perf.model.unet import UNet
+
+# The digits layout (3 levels, attention at 8x8) at a quarter of the width.
+TINY = dataclasses.replace(CONFIGS["digits"], ch=8, num_groups=4, dropout=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_config() -> UNetConfig:
+    return TINY
+
+
+@pytest.fixture
+def tiny_model() -> UNet:
+    torch.manual_seed(0)
+    return UNet(TINY).eval()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_model):
+    """A sampling checkpoint of the tiny model (random weights)."""
+    return save_checkpoint(tmp_path / "tiny.safetensors", TINY, ScheduleConfig(), tiny_model.state_dict())
