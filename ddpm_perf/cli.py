@@ -33,7 +33,7 @@ class DdpmPerfGroup(click.Group):
             if debug:
                 raise
             hint = f"; see 'ddpm-perf {e.ctx.info_name} --help'" if e.ctx and e.ctx.parent else ""
-            self._fail(e.format_message().replace("\n", " ") + hint)
+            self._fail(e.format_message().replace("\n", " ").rstrip(".") + hint)
         except click.ClickException as e:
             self._fail(e.format_message())
         except (click.Abort, KeyboardInterrupt):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 diffusers = pytest.importorskip("diffusers")
 
 from ddpm_perf.cli import main  # noqa: E402
-from ddpm_perf.diffusion.schedule import Diffusion, ScheduleConfig  # noqa: E402
+from ddpm_perf.diffusion.schedule import ScheduleConfig  # noqa: E402
 from ddpm_perf.errors import UserError  # noqa: E402
 from ddpm_perf.model.checkpoint import load_checkpoint  # noqa: E402
 from ddpm_perf.model.config import CONFIGS  # noqa: E402

@@ -4,7 +4,8 @@
 
 * a UNet2DModel folder: ``config.json`` plus ``diffusion_pytorch_model.safetensors`` (preferred) or
   ``diffusion_pytorch_model.bin`` (read with ``torch.load(weights_only=True)``), or
-* a pipeline folder: ``model_index.json``, ``unet/`` (as above) and ``scheduler/scheduler_config.json``.
+* a pipeline folder (a ``DDPMPipeline`` or ``DDIMPipeline``: pixel space, unconditional):
+  ``model_index.json``, ``unet/`` (as above) and ``scheduler/scheduler_config.json``.
 
 The JSON files are read directly; diffusers itself is not imported (it is only a test dependency).
 
