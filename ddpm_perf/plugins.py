@@ -72,7 +72,7 @@ class Option:
 
     def describe(self) -> str:
         kind = "|".join(map(str, self.choices)) if self.choices else self.type.__name__
-        return f"{kind} = {self.default}" + (f"  {self.help}" if self.help else "")
+        return f"{kind} = {self.default!r}" + (f"  {self.help}" if self.help else "")
 
 
 class Plugin:
