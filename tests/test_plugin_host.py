@@ -204,7 +204,7 @@ def test_constructor_checks_option_names():
 
 def test_option_describe():
     assert Option(int, 8, "calibration batches").describe() == "int = 8  calibration batches"
-    assert Option(str, "a", choices=("a", "b")).describe() == "a|b = a"
+    assert Option(str, "a", choices=("a", "b")).describe() == "a|b = 'a'"
 
 
 # -- selection errors -------------------------------------------------------------------------------
@@ -283,7 +283,7 @@ def test_plugins_command_reports_broken_entry_points(monkeypatch):
     assert ("broken  (broken-dist 0.0.1)  broken: failed to import: ModuleNotFoundError: "
             "No module named 'nonexistent_module_xyz'") in lines
     assert "knobs  (test-dist 9.9)  phase=runtime  available" in lines
-    assert "    mode: fast|exact = fast" in lines
+    assert "    mode: fast|exact = 'fast'" in lines
     assert "needs_gpu  (test-dist 9.9)  phase=runtime  unavailable: needs a TPU-42 accelerator" in lines
 
     rows = {r["name"]: r for r in json.loads(CliRunner().invoke(main, ["plugins", "--json"]).output)}

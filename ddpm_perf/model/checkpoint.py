@@ -46,12 +46,19 @@ class Checkpoint:
         return cls(model.config, schedule_config or ScheduleConfig(), weights)
 
     def build(self, device: str | torch.device = "cpu") -> tuple[UNet, Diffusion]:
-        model = UNet(self.model_config)
-        missing, unexpected = model.load_state_dict(self.weights, strict=False)
+        with torch.device("meta"):  # no random initialisation: every parameter is loaded below
+            model = UNet(self.model_config)
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(self.weights)), sorted(set(self.weights) - expected)
         if missing or unexpected:
             raise UserError(
                 f"checkpoint {self.path}: weights do not match its model config "
                 f"(missing {_brief(missing)}; unexpected {_brief(unexpected)}); re-create the checkpoint")
+        try:
+            model.load_state_dict(self.weights, assign=True)
+        except RuntimeError as e:  # shape mismatch
+            raise UserError(f"checkpoint {self.path}: {str(e).splitlines()[-1].strip()}; "
+                            "re-create the checkpoint") from None
         return model.to(device).eval(), Diffusion(self.schedule_config)
 
 

@@ -46,6 +46,8 @@ class UNetConfig:
         for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "num_groups"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
+        if self.ch < 4 or self.ch % 2:
+            raise bad("ch", f"= {self.ch} must be even and at least 4 (it sizes the sinusoidal time embedding)")
         if not self.ch_mult or min(self.ch_mult) <= 0:
             raise bad("ch_mult", "must be a non-empty list of positive integers")
         for width in {self.ch * m for m in self.ch_mult} | {self.ch}:
