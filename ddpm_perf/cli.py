@@ -90,6 +90,10 @@ device_option = click.option("--device", default="cpu", show_default=True, help=
 @click.option("--eta", type=float, default=0.0, show_default=True, help="DDIM noise scale (0: deterministic).")
 @click.option("--spacing", type=click.Choice(["leading", "trailing", "linspace"]), default=None,
               help="Timestep spacing (default: ddim leading, dpmpp linspace).")
+@click.option("--clip-sample/--no-clip-sample", default=None,
+              help="Clip predicted x0 to [-1, 1] (ddpm, ddim; default: the checkpoint's setting).")
+@click.option("--variance", type=click.Choice(["fixed_small", "fixed_large"]), default=None,
+              help="DDPM posterior variance (default: the checkpoint's setting).")
 @click.option("--num", type=int, default=64, show_default=True, callback=positive, help="Number of images.")
 @click.option("--batch-size", type=int, default=64, show_default=True, callback=positive)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -98,9 +102,11 @@ device_option = click.option("--device", default="cpu", show_default=True, help=
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
               help="FILE.png: a grid; FILE.npz: uint8 NHWC array 'images'; DIR: one PNG per image.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def sample(checkpoint, sampler, steps, eta, spacing, num, batch_size, seed, device, plugins, out, progress):
+def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num, batch_size, seed, device,
+           plugins, out, progress):
     """Generate images with a diffusion model."""
     from .diffusion.samplers import make_sampler
+    from .diffusion.schedule import Diffusion
     from .engine import SamplingEngine, peak_memory
     from .io import check_output_path, save_images, to_uint8
     from .model.checkpoint import default_checkpoint, load_checkpoint
@@ -110,11 +116,9 @@ def sample(checkpoint, sampler, steps, eta, spacing, num, batch_size, seed, devi
     device = resolve_device(device)
     host = PluginHost.from_spec(plugins)
     ckpt = load_checkpoint(checkpoint or default_checkpoint())
-    from .diffusion.schedule import Diffusion
-
-    steps = steps or DEFAULT_STEPS[sampler]
-    engine = SamplingEngine(ckpt, make_sampler(sampler, Diffusion(ckpt.schedule_config), steps, eta, spacing),
-                            host, device, batch_size)
+    chosen = make_sampler(sampler, Diffusion(ckpt.schedule_config), steps or DEFAULT_STEPS[sampler], eta, spacing,
+                          clip_sample, variance)
+    engine = SamplingEngine(ckpt, chosen, host, device, batch_size)
     images = engine.sample(num, seed=seed, progress=progress)
     save_images(to_uint8(images), out)
     s = engine.stats

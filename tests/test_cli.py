@@ -45,9 +45,12 @@ def test_sample_writes_a_grid_an_npz_and_a_folder(tiny_checkpoint, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "each" / "000001.png")), images[1, ..., 0])
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp"])
-def test_other_samplers_run(tiny_checkpoint, tmp_path, sampler):
-    assert sample(tiny_checkpoint, tmp_path / "x.png", "--sampler", sampler).exit_code == 0
+@pytest.mark.parametrize("args", [["--sampler", "ddpm"], ["--sampler", "dpmpp"],
+                                  ["--sampler", "ddpm", "--variance", "fixed_small", "--no-clip-sample"],
+                                  ["--sampler", "ddim", "--eta", "1", "--spacing", "trailing"]])
+def test_other_samplers_run(tiny_checkpoint, tmp_path, args):
+    result = sample(tiny_checkpoint, tmp_path / "x.png", *args)
+    assert result.exit_code == 0, result.output
 
 
 def test_channels_last_gives_the_same_images(tiny_checkpoint, tmp_path):
@@ -69,6 +72,9 @@ def test_channels_last_gives_the_same_images(tiny_checkpoint, tmp_path):
     (["--device", "cuda"], ["--device cuda", "--device cpu"]),
     (["--device", "tpu9"], ["--device"]),
     (["--sampler", "ddpm", "--eta", "0.5"], ["--eta applies to the ddim sampler only"]),
+    (["--sampler", "ddim", "--variance", "fixed_small"], ["--variance applies to the ddpm sampler only"]),
+    (["--sampler", "dpmpp", "--steps", "1000"], ["repeats timesteps"]),
+    (["--sampler", "ddpm", "--spacing", "trailing"], ["leading spacing only"]),
 ])
 def test_bad_sample_options(tiny_checkpoint, tmp_path, args, fragments):
     out = tmp_path / "x.png"

@@ -182,17 +182,23 @@ SAMPLERS = {cls.name: cls for cls in (DDPMSampler, DDIMSampler, DPMSolverPPSampl
 
 
 def make_sampler(name: str, diffusion: Diffusion, num_steps: int | None, eta: float = 0.0,
-                 spacing: str | None = None) -> Sampler:
+                 spacing: str | None = None, clip_sample: bool | None = None,
+                 variance_type: str | None = None) -> Sampler:
+    """A sampler by CLI name; None means the default (clipping and variance: the checkpoint's)."""
     if name not in SAMPLERS:
         raise UserError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     if eta and name != "ddim":
         raise UserError(f"--eta applies to the ddim sampler only, not {name}")
+    if variance_type is not None and name != "ddpm":
+        raise UserError(f"--variance applies to the ddpm sampler only, not {name}")
+    if clip_sample is not None and name == "dpmpp":
+        raise UserError("--clip-sample applies to the ddpm and ddim samplers only")
     if name == "ddpm":
         if spacing not in (None, "leading"):
             raise UserError("the ddpm sampler uses leading spacing only; drop --spacing")
-        return DDPMSampler(diffusion, num_steps)
+        return DDPMSampler(diffusion, num_steps, variance_type=variance_type, clip_sample=clip_sample)
     if num_steps is None:
         num_steps = 50
     if name == "ddim":
-        return DDIMSampler(diffusion, num_steps, eta=eta, spacing=spacing or "leading")
+        return DDIMSampler(diffusion, num_steps, eta=eta, spacing=spacing or "leading", clip_sample=clip_sample)
     return DPMSolverPPSampler(diffusion, num_steps, spacing=spacing or "linspace")
