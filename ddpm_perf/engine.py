@@ -126,6 +126,10 @@ class SamplingEngine:
 
     def _sample_batch(self, x: Tensor, step_noise: StepNoise, bar: tqdm) -> Tensor:
         sampler, hook, ctx = self.sampler, self.plugins.hook, self.ctx
+        # On a GPU a per-step check would make the host wait every step: keep the flags on the
+        # device and look once per batch. On the CPU checking at once costs nothing extra.
+        check_now = x.device.type == "cpu"
+        finite: list[Tensor] = []
         sampler.reset()
         for i, t in enumerate(sampler.timesteps):
             plan = StepPlan()
@@ -135,11 +139,19 @@ class SamplingEngine:
             eps = self.denoise(x, t_batch, plan).to(x.dtype)
             noise = step_noise.draw(x.device, x.dtype) if sampler.needs_noise(i) else None
             x = sampler.step(i, eps, x, noise)
-            if not torch.isfinite(x).all():
-                raise UserError(f"sampling produced NaN or Inf at step {i + 1}/{len(sampler.timesteps)} (t={t}); "
-                                "the model or a plugin is numerically unstable: retry without plugins "
-                                "or check the checkpoint")
+            finite.append(torch.isfinite(x).all())
+            if check_now and not finite[-1]:
+                self._non_finite(finite)
             if self._per_step_hooks:
                 hook.after_step(step=i, state=StepState(x, eps, t, plan), ctx=ctx)
             bar.update(1)
+        if not check_now and not torch.stack(finite).all():
+            self._non_finite(finite)
         return x
+
+    def _non_finite(self, finite: list[Tensor]) -> None:
+        i = next(i for i, ok in enumerate(finite) if not ok)
+        timesteps = self.sampler.timesteps
+        raise UserError(f"sampling produced NaN or Inf at step {i + 1}/{len(timesteps)} (t={timesteps[i]}); "
+                        "the model or a plugin is numerically unstable: retry without plugins "
+                        "or check the checkpoint")
