@@ -90,6 +90,8 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
 
+        # Names fixed before any plugin wraps a unit: checkpoints keep the plain U-Net's keys.
+        self._state = dict(self.net.state_dict(keep_vars=True))
         self.model = self.plugins.chain("transform_model", self.net, ctx=self.ctx)
         self.loss_fn = self.plugins.chain("wrap_train_step", self._loss, ctx=self.ctx)
 
@@ -105,7 +107,7 @@ class Trainer:
     def save(self) -> Path:
         self.out_dir.mkdir(exist_ok=True)
         optim = self.optimizer.state_dict()
-        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        tensors = {f"model.{k}": v.detach() for k, v in self._state.items()}
         for index, state in optim["state"].items():
             for key, value in state.items():
                 tensors[f"optim.{index}.{key}"] = value
@@ -113,6 +115,8 @@ class Trainer:
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"step": self.step, "config": dataclasses.asdict(self.cfg),
                 "data": dataclasses.asdict(self.data), "param_groups": optim["param_groups"]}
+        if self.ctx.grad_scaler is not None:
+            meta["grad_scaler"] = self.ctx.grad_scaler.state_dict()
         return save_checkpoint(self.checkpoint_path, self.net.config, self.schedule_config,
                                self.ema.state_dict(), tensors, meta)
 
@@ -125,7 +129,9 @@ class Trainer:
         trainer = cls(ckpt.model_config, ckpt.schedule_config, DataSpec(**meta["data"]), cfg,
                       Path(path).parent, plugins, device)
         tensors = ckpt.train_tensors
-        trainer.net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        with torch.no_grad():
+            for key, value in trainer._state.items():
+                value.copy_(tensors[f"model.{key}"])
         trainer.ema.load_state_dict(ckpt.weights)
         state: dict[int, dict] = {}
         for key, value in tensors.items():
@@ -133,6 +139,8 @@ class Trainer:
                 _, index, name = key.split(".", 2)
                 state.setdefault(int(index), {})[name] = value
         trainer.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        if trainer.ctx.grad_scaler is not None and "grad_scaler" in meta:
+            trainer.ctx.grad_scaler.load_state_dict(meta["grad_scaler"])
         trainer.generator.set_state(tensors["rng.data"])
         torch.set_rng_state(tensors["rng.torch"])
         trainer.step = meta["step"]
@@ -160,10 +168,19 @@ class Trainer:
             group["lr"] = lr
         loss = self.loss_fn(*self._batch())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
-        self.optimizer.step()
+        scaler = self.ctx.grad_scaler
+        if scaler is None:
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+            self.optimizer.step()
+        else:  # fp16: scale the loss, unscale before clipping, skip steps with inf gradients
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
+            scaler.step(self.optimizer)
+            scaler.update()
         with torch.no_grad():
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - cfg.ema_decay)
         self.step += 1

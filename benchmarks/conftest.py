@@ -1,0 +1,250 @@
+"""Shared set-up of the pytest-benchmark suites.
+
+Run them with ``make bench`` or ``pytest benchmarks --benchmark-only [--benchmark-json out.json]``.
+
+Environment:
+  DDPM_PERF_BENCH_SMOKE=1     tiny configs (the digits-size U-Net, 2 steps) so that
+                              ``pytest benchmarks --benchmark-disable`` checks the suites in seconds
+  DDPM_PERF_BENCH_THREADS=N   torch threads (default 2, the project's machines)
+  DDPM_PERF_BENCH_ROUNDS=N    timed rounds of the full-size benchmarks (default 7)
+  OMP_WAIT_POLICY             left as set; if unset it is set to PASSIVE here, before torch loads.
+                              With the default (spinning) policy, a 2-thread run on a 2-core machine
+                              that is busy with another process was measured 7-8x slower per U-Net
+                              step (4.6 s instead of 0.6 s): the threads spin at barriers while the
+                              other process holds the core. Set OMP_WAIT_POLICY=ACTIVE to measure
+                              with spinning on a quiet machine.
+
+Every figure the suites report is a ratio to a baseline measured in the same run, interleaved
+round by round (``interleaved``): the machines are shared and noisy, absolute times are not
+comparable between runs. Every benchmark's ``extra_info`` carries the standard keys of
+``REQUIRED_INFO`` (filled by the autouse fixture ``_standard_extra_info``).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+if "torch" not in sys.modules:  # must precede the first load of libgomp
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from ddpm_perf.model.checkpoint import Checkpoint  # noqa: E402
+from ddpm_perf.model.config import CONFIGS, UNetConfig  # noqa: E402
+from ddpm_perf.model.unet import UNet, count_parameters  # noqa: E402
+
+SMOKE = os.environ.get("DDPM_PERF_BENCH_SMOKE", "").lower() in ("1", "true", "yes", "on")
+THREADS = int(os.environ.get("DDPM_PERF_BENCH_THREADS", "2"))
+ROUNDS = 1 if SMOKE else int(os.environ.get("DDPM_PERF_BENCH_ROUNDS", "7"))
+torch.set_num_threads(THREADS)
+
+REQUIRED_INFO = ("plugins", "batch", "shape", "dtype", "device", "seconds_per_step", "images_per_s",
+                 "gflop_per_s")
+
+
+@dataclass(frozen=True)
+class BenchSetup:
+    """What the suites run: the cifar10 U-Net at batch 8 (smoke: the digits U-Net, 2 steps)."""
+
+    config_name: str
+    model_config: UNetConfig
+    batch: int
+    steps: int  # DDIM steps of a sampling run
+    smoke: bool = False
+    seed: int = 0
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c = self.model_config
+        return (c.in_channels, c.image_size, c.image_size)
+
+
+def bench_setup() -> BenchSetup:
+    if SMOKE:
+        return BenchSetup("digits", CONFIGS["digits"], batch=8, steps=2, smoke=True)
+    return BenchSetup("cifar10", CONFIGS["cifar10"], batch=8, steps=5)
+
+
+# -- FLOPs ------------------------------------------------------------------------------------
+
+_FLOPS: dict[tuple, int] = {}
+
+
+@torch.inference_mode()
+def flops_per_image(model: torch.nn.Module, image_shape: tuple[int, ...], key: object = None) -> int:
+    """FLOPs of one forward per image, counted by torch's FlopCounterMode (a multiply-add is 2
+    FLOPs; only convolutions, matmuls and attention are counted, not norms or activations).
+    Counted once per (model key, shape) at batch 1 (the count is linear in the batch)."""
+    key = (key if key is not None else id(model), tuple(image_shape))
+    if key not in _FLOPS:
+        x = torch.zeros((1, *image_shape))
+        t = torch.full((1,), 500, dtype=torch.long)
+        with FlopCounterMode(display=False) as counter:
+            model(x, t)
+        _FLOPS[key] = counter.get_total_flops()
+    return _FLOPS[key]
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+def interleaved(benchmark, target: Callable[[], object], baseline: Callable[[], object], rounds: int = ROUNDS,
+                warmup_rounds: int = 1) -> SimpleNamespace:
+    """Time ``target`` with ``benchmark.pedantic`` and ``baseline`` between its rounds, in
+    alternating order (baseline-target, target-baseline, ...), so slow drifts of a shared machine
+    hit both alike. Returns the timed seconds of both (warm-up rounds dropped) and the last
+    result of each. The benchmark's own statistics are those of ``target``.
+
+    Under --benchmark-disable pedantic runs setup and target once: one pair is still timed."""
+    times: dict[str, list[float]] = {"target": [], "baseline": []}
+    results: dict[str, object] = {}
+    state = {"round": 0}
+
+    def timed(fn: Callable[[], object], key: str) -> None:
+        start = time.perf_counter()
+        results[key] = fn()
+        times[key].append(time.perf_counter() - start)
+
+    def setup() -> None:
+        if state["round"] % 2 == 0:
+            timed(baseline, "baseline")
+
+    def run() -> None:
+        timed(target, "target")
+
+    def teardown() -> None:
+        if state["round"] % 2 == 1:
+            timed(baseline, "baseline")
+        state["round"] += 1
+
+    benchmark.pedantic(run, setup=setup, teardown=teardown, rounds=rounds, warmup_rounds=warmup_rounds)
+    keep = min(rounds, len(times["target"]), len(times["baseline"]))
+    return SimpleNamespace(target=times["target"][-keep:], baseline=times["baseline"][-keep:],
+                           target_result=results.get("target"), baseline_result=results.get("baseline"))
+
+
+def ratios(target: list[float], baseline: list[float]) -> dict[str, float]:
+    """target/baseline three ways: ratio of medians, of minimums, and the median of the ratios of
+    adjacent pairs (the most robust to drift)."""
+    return {
+        "median": statistics.median(target) / statistics.median(baseline),
+        "min": min(target) / min(baseline),
+        "paired": statistics.median(a / b for a, b in zip(target, baseline)),
+    }
+
+
+def pytest_generate_tests(metafunc):
+    """``sampling_steps``: the benchmark's DDIM step count and 100 (to separate the engine's
+    per-call from its per-step cost)."""
+    if "sampling_steps" in metafunc.fixturenames:
+        metafunc.parametrize("sampling_steps", sorted({bench_setup().steps, 100}))
+
+
+# -- a summary at the end of the run ----------------------------------------------------------
+
+HEADLINES: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if HEADLINES:
+        terminalreporter.section("ddpm-perf benchmark ratios (same run, interleaved)")
+        for line in HEADLINES:
+            terminalreporter.write_line(line)
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def bench() -> BenchSetup:
+    return bench_setup()
+
+
+@pytest.fixture(scope="session")
+def unet(bench) -> UNet:
+    """The benchmark U-Net with seeded random weights (speed does not depend on the values)."""
+    torch.manual_seed(bench.seed)
+    return UNet(bench.model_config).eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(unet) -> Checkpoint:
+    return Checkpoint.from_model(unet)
+
+
+@pytest.fixture(scope="session")
+def unet_flops(bench, unet) -> int:
+    return flops_per_image(unet, bench.image_shape, key=("ddpm_perf", bench.model_config))
+
+
+@pytest.fixture(scope="session")
+def timing() -> SimpleNamespace:
+    """The timing helpers, for the test modules: ``timing.interleaved``, ``timing.ratios``,
+    ``timing.flops_per_image``, ``timing.rounds``, ``timing.headline(line)`` (printed in the summary)."""
+    return SimpleNamespace(interleaved=interleaved, ratios=ratios, flops_per_image=flops_per_image, rounds=ROUNDS,
+                           headline=HEADLINES.append)
+
+
+@pytest.fixture(autouse=True)
+def _standard_extra_info(request, bench):
+    """Give every benchmark the standard extra_info keys. A test sets what it measured:
+    ``seconds_per_step`` (one model evaluation of the whole batch) and, unless it is the
+    benchmark U-Net, ``flops_per_image`` and ``steps``; throughput and GFLOP/s are derived here.
+    A benchmark that leaves a required key unset is an error."""
+    if "benchmark" not in request.fixturenames:
+        yield
+        return
+    benchmark = request.getfixturevalue("benchmark")
+    info = benchmark.extra_info
+    info.update(plugins="none", config=bench.config_name, parameters=count_parameters(request.getfixturevalue("unet")),
+                batch=bench.batch,
+                shape=[bench.batch, *bench.image_shape], dtype="float32", device="cpu", mode="eager",
+                threads=torch.get_num_threads(), steps=bench.steps, smoke=SMOKE)
+    default_flops = request.getfixturevalue("unet_flops")
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is None or not report.passed:
+        return
+    if "seconds_per_step" not in info and benchmark.stats is not None:
+        info["seconds_per_step"] = benchmark.stats.stats.median / info["steps"]
+    sps = info.get("seconds_per_step")
+    if sps:
+        info.setdefault("images_per_s", info["batch"] / (sps * info["steps"]))
+        info.setdefault("image_steps_per_s", info["batch"] / sps)
+        if "flops_per_image" not in info:
+            info["flops_per_image"] = default_flops
+        info.setdefault("gflop_per_s", info["flops_per_image"] * info["batch"] / sps / 1e9)
+    missing = [k for k in REQUIRED_INFO if k not in info]
+    if missing:
+        pytest.fail(f"benchmark {request.node.name} did not record extra_info {missing}", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["torch"] = torch.__version__
+    machine_info["torch_threads"] = torch.get_num_threads()
+    machine_info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    machine_info["mkldnn"] = torch.backends.mkldnn.is_available()
+    machine_info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
+    machine_info["load_average_at_start"] = list(os.getloadavg())
+    machine_info["ddpm_perf_bench_smoke"] = SMOKE
+
+
+def pytest_report_header(config):
+    s = bench_setup()
+    return (f"ddpm-perf benchmarks: {s.config_name} U-Net, batch {s.batch}, {s.steps} DDIM steps, "
+            f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')}, "
+            f"load average {os.getloadavg()[0]:.1f}" + (" [SMOKE]" if SMOKE else ""))
+
