@@ -13,6 +13,7 @@ bound is asserted.
 from __future__ import annotations
 
 import statistics
+import time
 
 import pytest
 import torch
@@ -69,6 +70,22 @@ def side_by_side(bench, tmp_path_factory):
     return unet, engine, pipe
 
 
+def model_forward_ratio(ours, theirs, bench, pairs: int) -> float:
+    """Median over alternating pairs of (our U-Net forward) / (diffusers' UNet2DModel forward), same
+    input: separates the networks' speed from the sampling loops'."""
+    x = torch.randn((bench.batch, *bench.image_shape), generator=torch.Generator().manual_seed(1))
+    t = torch.full((bench.batch,), 500, dtype=torch.long)
+    fns = [lambda: ours(x, t), lambda: theirs(x, t).sample]
+    seconds: list[list[float]] = [[], []]
+    with torch.inference_mode():
+        for i in range(pairs):
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                start = time.perf_counter()
+                fns[j]()
+                seconds[j].append(time.perf_counter() - start)
+    return statistics.median(a / b for a, b in zip(*seconds))
+
+
 def test_ddim_vs_diffusers_pipeline(benchmark, bench, timing, side_by_side):
     unet, engine, pipe = side_by_side
 
@@ -81,6 +98,7 @@ def test_ddim_vs_diffusers_pipeline(benchmark, bench, timing, side_by_side):
                     output_type="pt").images
 
     r = timing.interleaved(benchmark, ours, theirs)
+    model_ratio = model_forward_ratio(engine.model, unet, bench, pairs=2 if bench.smoke else 8)
 
     # Same images: ours are in [-1, 1], the pipeline's (x / 2 + 0.5).clamp(0, 1).
     ours_01 = (r.target_result / 2 + 0.5).clamp(0, 1)
@@ -98,6 +116,7 @@ def test_ddim_vs_diffusers_pipeline(benchmark, bench, timing, side_by_side):
         ratio_vs_diffusers_min=ratio["min"],
         ratio_vs_diffusers_paired=ratio["paired"],
         pairs=len(r.target),
+        model_ratio_vs_diffusers_paired=model_ratio,
         ddpm_perf_seconds=r.target, diffusers_seconds=r.baseline,
         image_max_abs_dev=deviation.max().item(),
         image_mean_abs_dev=deviation.mean().item(),
@@ -107,10 +126,12 @@ def test_ddim_vs_diffusers_pipeline(benchmark, bench, timing, side_by_side):
         flops_per_image_diffusers=timing.flops_per_image(unet, bench.image_shape, key=("diffusers", id(unet))),
         diffusers_version=diffusers.__version__,
     )
+    info["diffusers_gflop_per_s"] = info["flops_per_image"] * bench.batch / info["diffusers_seconds_per_step"] / 1e9
     timing.headline(
         f"ddpm-perf / diffusers DDIMPipeline ({bench.config_name}, batch {bench.batch}, DDIM {bench.steps}): "
         f"{info['ratio_vs_diffusers']:.3f} (medians), {info['ratio_vs_diffusers_min']:.3f} (mins), "
-        f"{info['ratio_vs_diffusers_paired']:.3f} (paired) over {len(r.target)} pairs; "
+        f"{info['ratio_vs_diffusers_paired']:.3f} (paired) over {len(r.target)} pairs "
+        f"(bare U-Net forwards alone: {model_ratio:.3f} paired); "
         f"{info['seconds_per_step']:.3f} vs {info['diffusers_seconds_per_step']:.3f} s/step; images: max abs dev "
         f"{info['image_max_abs_dev']:.2e} ({info['image_interior_fraction']:.0%} of pixels unclamped)")
     assert info["image_max_abs_dev"] <= IMAGE_TOLERANCE

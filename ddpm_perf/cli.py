@@ -94,7 +94,9 @@ device_option = click.option("--device", default="cpu", show_default=True, help=
               help="Clip predicted x0 to [-1, 1] (ddpm, ddim; default: the checkpoint's setting).")
 @click.option("--variance", type=click.Choice(["fixed_small", "fixed_large"]), default=None,
               help="DDPM posterior variance (default: the checkpoint's setting).")
-@click.option("--num", type=int, default=64, show_default=True, callback=positive, help="Number of images.")
+# Under torchrun write -n or --num-images: torchrun's parser takes --num for its --numa-binding.
+@click.option("-n", "--num", "--num-images", "num", type=int, default=64, show_default=True, callback=positive,
+              help="Number of images.")
 @click.option("--batch-size", type=int, default=64, show_default=True, callback=positive)
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option
@@ -104,7 +106,11 @@ device_option = click.option("--device", default="cpu", show_default=True, help=
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num, batch_size, seed, device,
            plugins, out, progress):
-    """Generate images with a diffusion model."""
+    """Generate images with a diffusion model.
+
+    Data-parallel over processes: torchrun --nproc_per_node N -m ddpm_perf sample --num-images 50000 ...
+    splits the images over the ranks and rank 0 writes exactly the images one process would."""
+    from . import distributed
     from .diffusion.samplers import make_sampler
     from .diffusion.schedule import Diffusion
     from .engine import SamplingEngine, peak_memory
@@ -113,19 +119,31 @@ def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num,
     from .plugins import PluginHost
 
     out = check_output_path(out)
-    device = resolve_device(device)
     host = PluginHost.from_spec(plugins)
-    ckpt = load_checkpoint(checkpoint or default_checkpoint())
-    chosen = make_sampler(sampler, Diffusion(ckpt.schedule_config), steps or DEFAULT_STEPS[sampler], eta, spacing,
-                          clip_sample, variance)
-    engine = SamplingEngine(ckpt, chosen, host, device, batch_size)
-    images = engine.sample(num, seed=seed, progress=progress)
+    info, device = distributed.init(resolve_device(device))
+    try:
+        ckpt = load_checkpoint(checkpoint or default_checkpoint())
+        distributed.check_same_everywhere(
+            f"{sampler} {steps} {eta} {spacing} {clip_sample} {variance} {num} {seed} {plugins} "
+            f"{ckpt.model_config.to_json()} {sum(float(w.double().sum()) for w in ckpt.weights.values()):.6e}",
+            "sampling options or checkpoint", info)
+        chosen = make_sampler(sampler, Diffusion(ckpt.schedule_config), steps or DEFAULT_STEPS[sampler], eta,
+                              spacing, clip_sample, variance)
+        engine = SamplingEngine(ckpt, chosen, host, device, batch_size)
+        indices = distributed.shard(list(range(num)), info)
+        images = distributed.gather_to_main(engine.sample(num, seed=seed, progress=progress and info.is_main,
+                                                          indices=indices), indices, num, info)
+    finally:
+        distributed.shutdown()
+    if not info.is_main:
+        return
     save_images(to_uint8(images), out)
     s = engine.stats
     for line in engine.ctx.report:
         click.echo(line)
-    click.echo(f"wrote {num} images to {out}: {s.seconds:.1f} s, {s.seconds_per_step * 1e3:.1f} ms/step, "
-               f"{s.images_per_second:.1f} images/s, {peak_memory(device)}"
+    ranks = f" (rank 0 of {info.world_size}: {s.images} images)" if info.enabled else ""
+    click.echo(f"wrote {num} images to {out}: {s.seconds:.1f} s, {s.seconds_per_step * 1e3:.1f} ms/step{ranks}, "
+               f"{num / s.seconds if s.seconds else 0.0:.1f} images/s, {peak_memory(device)}"
                + (f", plugins: {','.join(host.names)}" if host.names else ""))
 
 

@@ -107,6 +107,8 @@ class SamplingEngine:
         if num <= 0:
             raise UserError(f"--num must be positive, got {num}")
         indices = list(range(num)) if indices is None else list(indices)
+        if not indices:  # a rank with no share of a small run
+            return torch.empty((0, *self.image_shape))
         noise = initial_noise(num, self.image_shape, seed)[indices]
         steps = len(self.sampler.timesteps)
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
