@@ -6,7 +6,7 @@ Environment:
   DDPM_PERF_BENCH_SMOKE=1     tiny configs (the digits-size U-Net, 2 steps) so that
                               ``pytest benchmarks --benchmark-disable`` checks the suites in seconds
   DDPM_PERF_BENCH_THREADS=N   torch threads (default 2, the project's machines)
-  DDPM_PERF_BENCH_ROUNDS=N    timed rounds of the full-size benchmarks (default 7)
+  DDPM_PERF_BENCH_ROUNDS=N    timed rounds of the full-size benchmarks (default 9)
   OMP_WAIT_POLICY             left as set; if unset it is set to PASSIVE here, before torch loads.
                               With the default (spinning) policy, a 2-thread run on a 2-core machine
                               that is busy with another process was measured 7-8x slower per U-Net
@@ -43,7 +43,7 @@ from ddpm_perf.model.unet import UNet, count_parameters  # noqa: E402
 
 SMOKE = os.environ.get("DDPM_PERF_BENCH_SMOKE", "").lower() in ("1", "true", "yes", "on")
 THREADS = int(os.environ.get("DDPM_PERF_BENCH_THREADS", "2"))
-ROUNDS = 1 if SMOKE else int(os.environ.get("DDPM_PERF_BENCH_ROUNDS", "7"))
+ROUNDS = 1 if SMOKE else int(os.environ.get("DDPM_PERF_BENCH_ROUNDS", "9"))
 torch.set_num_threads(THREADS)
 
 REQUIRED_INFO = ("plugins", "batch", "shape", "dtype", "device", "seconds_per_step", "images_per_s",
@@ -132,11 +132,15 @@ def interleaved(benchmark, target: Callable[[], object], baseline: Callable[[], 
 
 def ratios(target: list[float], baseline: list[float]) -> dict[str, float]:
     """target/baseline three ways: ratio of medians, of minimums, and the median of the ratios of
-    adjacent pairs (the most robust to drift)."""
+    adjacent pairs (the most robust to drift), with the quartiles of those pair ratios."""
+    pairs = [a / b for a, b in zip(target, baseline)]
+    q1, _, q3 = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else (pairs[0],) * 3
     return {
         "median": statistics.median(target) / statistics.median(baseline),
         "min": min(target) / min(baseline),
-        "paired": statistics.median(a / b for a, b in zip(target, baseline)),
+        "paired": statistics.median(pairs),
+        "paired_q1": q1,  # the spread of the pair ratios: the run's noise
+        "paired_q3": q3,
     }
 
 

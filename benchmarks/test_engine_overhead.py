@@ -81,13 +81,15 @@ def test_engine_vs_bare_loop(benchmark, bench, checkpoint, timing):
         overhead_pct=(ratio["median"] - 1) * 100,
         overhead_pct_min=(ratio["min"] - 1) * 100,
         overhead_pct_paired=(ratio["paired"] - 1) * 100,
+        overhead_pct_paired_iqr=[(ratio["paired_q1"] - 1) * 100, (ratio["paired_q3"] - 1) * 100],
         pairs=len(r.target),
         engine_seconds=r.target, bare_seconds=r.baseline,
     )
     timing.headline(
         f"engine vs bare loop ({bench.config_name}, batch {bench.batch}, DDIM {bench.steps}): overhead "
         f"{info['overhead_pct']:+.2f}% (medians), {info['overhead_pct_min']:+.2f}% (mins), "
-        f"{info['overhead_pct_paired']:+.2f}% (paired) over {len(r.target)} pairs; "
+        f"{info['overhead_pct_paired']:+.2f}% (paired; quartiles {info['overhead_pct_paired_iqr'][0]:+.2f}% .. "
+        f"{info['overhead_pct_paired_iqr'][1]:+.2f}%) over {len(r.target)} pairs; "
         f"bare step {info['bare_seconds_per_step']:.3f} s, engine step {info['seconds_per_step']:.3f} s")
     if not bench.smoke:
         assert info["overhead_pct_paired"] < SANITY_BOUND_PCT

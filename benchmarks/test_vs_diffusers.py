@@ -98,7 +98,7 @@ def test_ddim_vs_diffusers_pipeline(benchmark, bench, timing, side_by_side):
                     output_type="pt").images
 
     r = timing.interleaved(benchmark, ours, theirs)
-    model_ratio = model_forward_ratio(engine.model, unet, bench, pairs=2 if bench.smoke else 8)
+    model_ratio = model_forward_ratio(engine.model, unet, bench, pairs=2 if bench.smoke else 12)
 
     # Same images: ours are in [-1, 1], the pipeline's (x / 2 + 0.5).clamp(0, 1).
     ours_01 = (r.target_result / 2 + 0.5).clamp(0, 1)
@@ -115,6 +115,7 @@ def test_ddim_vs_diffusers_pipeline(benchmark, bench, timing, side_by_side):
         ratio_vs_diffusers=ratio["median"],
         ratio_vs_diffusers_min=ratio["min"],
         ratio_vs_diffusers_paired=ratio["paired"],
+        ratio_vs_diffusers_paired_iqr=[ratio["paired_q1"], ratio["paired_q3"]],
         pairs=len(r.target),
         model_ratio_vs_diffusers_paired=model_ratio,
         ddpm_perf_seconds=r.target, diffusers_seconds=r.baseline,
@@ -130,7 +131,8 @@ def test_ddim_vs_diffusers_pipeline(benchmark, bench, timing, side_by_side):
     timing.headline(
         f"ddpm-perf / diffusers DDIMPipeline ({bench.config_name}, batch {bench.batch}, DDIM {bench.steps}): "
         f"{info['ratio_vs_diffusers']:.3f} (medians), {info['ratio_vs_diffusers_min']:.3f} (mins), "
-        f"{info['ratio_vs_diffusers_paired']:.3f} (paired) over {len(r.target)} pairs "
+        f"{info['ratio_vs_diffusers_paired']:.3f} (paired; quartiles {ratio['paired_q1']:.3f} .. {ratio['paired_q3']:.3f}) "
+        f"over {len(r.target)} pairs "
         f"(bare U-Net forwards alone: {model_ratio:.3f} paired); "
         f"{info['seconds_per_step']:.3f} vs {info['diffusers_seconds_per_step']:.3f} s/step; images: max abs dev "
         f"{info['image_max_abs_dev']:.2e} ({info['image_interior_fraction']:.0%} of pixels unclamped)")
