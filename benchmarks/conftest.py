@@ -206,8 +206,8 @@ def _standard_extra_info(request, bench):
         return
     benchmark = request.getfixturevalue("benchmark")
     info = benchmark.extra_info
-    info.update(plugins="none", config=bench.config_name, parameters=count_parameters(request.getfixturevalue("unet")),
-                batch=bench.batch,
+    info.update(plugins="none", config=bench.config_name,
+                parameters=count_parameters(request.getfixturevalue("unet")), batch=bench.batch,
                 shape=[bench.batch, *bench.image_shape], dtype="float32", device="cpu", mode="eager",
                 threads=torch.get_num_threads(), steps=bench.steps, smoke=SMOKE)
     default_flops = request.getfixturevalue("unet_flops")

@@ -175,34 +175,49 @@ def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num,
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train(config_name, data_name, data_dir, out, resume, init, steps, batch_size, lr, warmup, grad_clip,
           ema_decay, dropout, hflip, seed, checkpoint_every, sample_every, device, plugins, progress):
-    """Train a DDPM (eps-prediction, linear schedule) from scratch, from --init, or --resume a run."""
+    """Train a DDPM (eps-prediction, linear schedule) from scratch, from --init, or --resume a run.
+
+    Data-parallel: torchrun --nproc_per_node N -m ddpm_perf train ... (--batch-size is the global batch)."""
+    from . import distributed
+    from .plugins import PluginHost
+
+    host = PluginHost.from_spec(plugins)
+    info, device = distributed.init(resolve_device(device))
+    try:
+        trainer = _make_trainer(info, device, host, config_name, data_name, data_dir, out, resume, init, steps,
+                                batch_size, lr, warmup, grad_clip, ema_decay, dropout, hflip, seed,
+                                checkpoint_every, sample_every)
+        losses = trainer.run(progress=progress)
+    finally:
+        distributed.shutdown()
+    if not info.is_main:
+        return
+    tail = losses[-100:] or [float("nan")]
+    procs = f", {info.world_size} processes" if info.enabled else ""
+    click.echo(f"trained to step {trainer.step} ({trainer.steps_run} steps, {trainer.seconds:.0f} s, "
+               f"{trainer.steps_run / max(trainer.seconds, 1e-9):.2f} steps/s{procs}); mean loss of the last "
+               f"{len(tail)} steps {sum(tail) / len(tail):.4f}; checkpoint: {trainer.checkpoint_path}")
+
+
+def _make_trainer(info, device, host, config_name, data_name, data_dir, out, resume, init, steps, batch_size, lr,
+                  warmup, grad_clip, ema_decay, dropout, hflip, seed, checkpoint_every, sample_every):
     import dataclasses
 
     from .diffusion.schedule import ScheduleConfig
     from .model.checkpoint import load_checkpoint
     from .model.config import get_config
-    from .plugins import PluginHost
     from .train import DataSpec, TrainConfig, Trainer
 
-    device = resolve_device(device)
-    host = PluginHost.from_spec(plugins)
     if resume:
-        trainer = Trainer.resume(resume, host, device, steps)
-    else:
-        config = get_config(config_name)
-        if dropout is not None:
-            config = dataclasses.replace(config, dropout=dropout)
-        cfg = TrainConfig(steps=steps or 10_000, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip,
-                          ema_decay=ema_decay, hflip=hflip, seed=seed, checkpoint_every=checkpoint_every,
-                          sample_every=sample_every)
-        init_ckpt = load_checkpoint(init) if init else None
-        trainer = Trainer(config, ScheduleConfig(), DataSpec(data_name, str(data_dir) if data_dir else None), cfg,
-                          out, host, device, init_ckpt)
-    losses = trainer.run(progress=progress)
-    tail = losses[-100:] or [float("nan")]
-    click.echo(f"trained to step {trainer.step} ({trainer.steps_run} steps, {trainer.seconds:.0f} s, "
-               f"{trainer.steps_run / max(trainer.seconds, 1e-9):.2f} steps/s); mean loss of the last "
-               f"{len(tail)} steps {sum(tail) / len(tail):.4f}; checkpoint: {trainer.checkpoint_path}")
+        return Trainer.resume(resume, host, device, steps, dist_info=info)
+    config = get_config(config_name)
+    if dropout is not None:
+        config = dataclasses.replace(config, dropout=dropout)
+    cfg = TrainConfig(steps=steps or 10_000, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip,
+                      ema_decay=ema_decay, hflip=hflip, seed=seed, checkpoint_every=checkpoint_every,
+                      sample_every=sample_every)
+    return Trainer(config, ScheduleConfig(), DataSpec(data_name, str(data_dir) if data_dir else None), cfg, out,
+                   host, device, load_checkpoint(init) if init else None, dist_info=info)
 
 
 @main.command()

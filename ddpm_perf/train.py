@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from .data import load_dataset
+from .distributed import DistInfo
 from .diffusion.samplers import DDIMSampler
 from .diffusion.schedule import Diffusion, ScheduleConfig
 from .engine import SamplingEngine
@@ -66,8 +67,13 @@ class DataSpec:
 class Trainer:
     def __init__(self, model_config: UNetConfig, schedule_config: ScheduleConfig, data: DataSpec,
                  cfg: TrainConfig, out_dir: str | Path, plugins: PluginHost | None = None,
-                 device: str | torch.device = "cpu", init: Checkpoint | None = None):
+                 device: str | torch.device = "cpu", init: Checkpoint | None = None,
+                 dist_info: DistInfo = DistInfo()):
         self.out_dir = Path(out_dir)
+        self.dist = dist_info
+        if cfg.batch_size % dist_info.world_size:
+            raise UserError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the "
+                            f"{dist_info.world_size} processes; pick a multiple of {dist_info.world_size}")
         if not self.out_dir.parent.is_dir():
             raise UserError(f"--out {out_dir}: folder {self.out_dir.parent} does not exist; create it first")
         self.cfg, self.data, self.device = cfg, data, torch.device(device)
@@ -78,14 +84,16 @@ class Trainer:
         self.ctx = RunContext("train", self.device, model_config, self.diffusion, cfg.batch_size)
         self.plugins.hook.configure(ctx=self.ctx)
 
-        torch.manual_seed(cfg.seed)  # initial weights and dropout
+        torch.manual_seed(cfg.seed)  # initial weights (the same on every rank) and rank 0's dropout
         self.net = UNet(model_config)
         if init is not None:
             if init.model_config != model_config:
                 raise UserError(f"--init {init.path}: its model config differs from the one being trained")
             self.net.load_state_dict(init.weights)
         self.net.to(self.device).train()
-        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False)
+        self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if dist_info.is_main else None
+        if dist_info.rank:
+            torch.manual_seed(cfg.seed + dist_info.rank)  # other ranks: their own dropout masks
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.step = 0
@@ -93,6 +101,11 @@ class Trainer:
         # Names fixed before any plugin wraps a unit: checkpoints keep the plain U-Net's keys.
         self._state = dict(self.net.state_dict(keep_vars=True))
         self.model = self.plugins.chain("transform_model", self.net, ctx=self.ctx)
+        if dist_info.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda"
+                                                 else None)
         self.loss_fn = self.plugins.chain("wrap_train_step", self._loss, ctx=self.ctx)
 
     def _loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -104,7 +117,10 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out_dir / CHECKPOINT_NAME
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """Write the run's checkpoint (rank 0 only; the others hold the same weights)."""
+        if not self.dist.is_main:
+            return None
         self.out_dir.mkdir(exist_ok=True)
         optim = self.optimizer.state_dict()
         tensors = {f"model.{k}": v.detach() for k, v in self._state.items()}
@@ -122,17 +138,19 @@ class Trainer:
 
     @classmethod
     def resume(cls, path: str | Path, plugins: PluginHost | None = None, device: str | torch.device = "cpu",
-               steps: int | None = None) -> "Trainer":
+               steps: int | None = None, dist_info: DistInfo = DistInfo()) -> "Trainer":
+        """Continue a run; the world size may differ from the run's (the data stream is global)."""
         ckpt = load_checkpoint(path, with_training=True)
         meta = ckpt.train_meta
         cfg = TrainConfig(**{**meta["config"], **({"steps": steps} if steps else {})})
         trainer = cls(ckpt.model_config, ckpt.schedule_config, DataSpec(**meta["data"]), cfg,
-                      Path(path).parent, plugins, device)
+                      Path(path).parent, plugins, device, dist_info=dist_info)
         tensors = ckpt.train_tensors
         with torch.no_grad():
             for key, value in trainer._state.items():
                 value.copy_(tensors[f"model.{key}"])
-        trainer.ema.load_state_dict(ckpt.weights)
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(ckpt.weights)
         state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
@@ -142,8 +160,11 @@ class Trainer:
         if trainer.ctx.grad_scaler is not None and "grad_scaler" in meta:
             trainer.ctx.grad_scaler.load_state_dict(meta["grad_scaler"])
         trainer.generator.set_state(tensors["rng.data"])
-        torch.set_rng_state(tensors["rng.torch"])
         trainer.step = meta["step"]
+        if dist_info.rank == 0:
+            torch.set_rng_state(tensors["rng.torch"])
+        else:  # only rank 0's dropout state is saved; the others restart theirs from the step
+            torch.manual_seed(cfg.seed + dist_info.rank + 1_000_003 * trainer.step)
         if trainer.step >= cfg.steps:
             raise UserError(f"{path} is already at step {trainer.step} of {cfg.steps}; pass a larger --steps")
         return trainer
@@ -151,15 +172,19 @@ class Trainer:
     # -- training ----------------------------------------------------------------------------
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        g, bs = self.generator, self.cfg.batch_size
+        """This rank's slice of the global batch. Every rank draws the whole batch's random numbers
+        (cheap) and loads only its own images: the data stream does not depend on the world size."""
+        g, bs, (c, h, w) = self.generator, self.cfg.batch_size, self.ctx.image_shape
         idx = torch.randint(len(self.dataset), (bs,), generator=g)
-        x0 = torch.stack([self.dataset[int(i)] for i in idx])
-        if self.cfg.hflip:
-            flip = torch.rand(bs, generator=g) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
+        flip = torch.rand(bs, generator=g) < 0.5 if self.cfg.hflip else None
         t = torch.randint(self.diffusion.num_timesteps, (bs,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        return x0.to(self.device), t.to(self.device), noise.to(self.device)
+        noise = torch.randn((bs, c, h, w), generator=g)
+        share = bs // self.dist.world_size
+        mine = slice(self.dist.rank * share, (self.dist.rank + 1) * share)
+        x0 = torch.stack([self.dataset[int(i)] for i in idx[mine]])
+        if flip is not None:
+            x0 = torch.where(flip[mine, None, None, None], x0.flip(3), x0)
+        return x0.to(self.device), t[mine].to(self.device), noise[mine].to(self.device)
 
     def train_step(self) -> float:
         cfg = self.cfg
@@ -181,9 +206,14 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.grad_clip)
             scaler.step(self.optimizer)
             scaler.update()
-        with torch.no_grad():
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.net.parameters()), 1 - cfg.ema_decay)
+        if self.ema is not None:
+            with torch.no_grad():
+                torch._foreach_lerp_(list(self.ema.parameters()), list(self._state.values()), 1 - cfg.ema_decay)
         self.step += 1
+        if self.dist.enabled:  # report the global batch's loss (the mean of equal shards' means)
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= self.dist.world_size
         return loss.item()
 
     def sample_grid(self, num: int = 64) -> Path:
@@ -197,7 +227,8 @@ class Trainer:
     def run(self, progress: bool = True) -> list[float]:
         cfg, losses = self.cfg, []
         start, first = time.perf_counter(), self.step
-        with tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not progress, dynamic_ncols=True,
+        with tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not (progress and self.dist.is_main),
+                  dynamic_ncols=True,
                   desc="train") as bar:
             while self.step < cfg.steps:
                 losses.append(self.train_step())
@@ -205,7 +236,7 @@ class Trainer:
                 bar.update(1)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
-                if cfg.sample_every and self.step % cfg.sample_every == 0:
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.dist.is_main:
                     self.sample_grid()
         self.seconds = time.perf_counter() - start
         self.steps_run = self.step - first
