@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
+import os
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: the suite runs subprocesses (torchrun ranks, the
+# CLI) beside itself on 2 cores, where spinning threads slowed steps up to 8x. Must precede torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from ddpm_perf.diffusion.schedule import ScheduleConfig
 from ddpm_perf.model.checkpoint import save_checkpoint
