@@ -16,7 +16,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 install: $(BIN)/python
-	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=69" wheel ninja
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools>=70.1" wheel ninja
 	$(BIN)/python -m pip install -q $(TORCH)
 	# --no-build-isolation: build against the torch just installed, not a fresh download
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
