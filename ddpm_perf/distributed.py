@@ -1,7 +1,7 @@
 """torch.distributed set-up for runs launched with torchrun (gloo on CPU, NCCL on GPUs).
 
 Launch as ``torchrun --nproc_per_node N -m ddpm_perf sample ...``; on several machines add
-``--nnodes M --node_rank R --rdzv_endpoint HOST:PORT`` (torchrun's own options).
+``--nnodes M --rdzv_id JOB --rdzv_backend c10d --rdzv_endpoint HOST:PORT`` (torchrun options).
 """
 
 from __future__ import annotations
