@@ -21,28 +21,13 @@ import torch
 from ddpm_perf.diffusion.samplers import DDIMSampler
 from ddpm_perf.diffusion.schedule import Diffusion
 from ddpm_perf.engine import SamplingEngine
-from ddpm_perf.model.diffusers_import import load_diffusers
+from ddpm_perf.model.diffusers_import import load_diffusers, unet_config_to_diffusers
 
 diffusers = pytest.importorskip("diffusers")
 
 SANITY_BOUND = 1.15  # asserted (full size only); the target, <= 1.0, is reported
 IMAGE_TOLERANCE = 1e-3  # max abs deviation of the final images, in [0, 1] units (1/255 = 3.9e-3)
 
-# google/ddpm-cifar10-32's UNet2DModel config (see tests/test_diffusers_import.py).
-CIFAR10_32 = {
-    "sample_size": 32, "in_channels": 3, "out_channels": 3, "block_out_channels": [128, 256, 256, 256],
-    "layers_per_block": 2,
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
-    "norm_num_groups": 32, "norm_eps": 1e-6, "act_fn": "silu",
-    "time_embedding_type": "positional", "flip_sin_to_cos": False, "freq_shift": 1,
-    "resnet_time_scale_shift": "default", "attention_head_dim": None, "downsample_padding": 0,
-    "mid_block_scale_factor": 1, "center_input_sample": False,
-}
-# The same layout at the size of our digits config (smoke runs).
-DIGITS_16 = dict(CIFAR10_32, sample_size=16, in_channels=1, out_channels=1, block_out_channels=[32, 64, 64],
-                 norm_num_groups=8, down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
-                 up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"])
 # google/ddpm-cifar10-32's scheduler.
 SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                  variance_type="fixed_large", clip_sample=True)
@@ -51,7 +36,7 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e
 @pytest.fixture(scope="module")
 def side_by_side(bench, tmp_path_factory):
     torch.manual_seed(bench.seed)
-    unet = diffusers.UNet2DModel(**(DIGITS_16 if bench.smoke else CIFAR10_32)).eval()
+    unet = diffusers.UNet2DModel(**unet_config_to_diffusers(bench.model_config)).eval()
     with torch.no_grad():  # default GroupNorm init is weight 1, bias 0: make mix-ups visible
         for module in unet.modules():
             if isinstance(module, torch.nn.GroupNorm):

@@ -5,3 +5,17 @@ class UserError(Exception):
     """Bad input: the message says what is wrong and what to do."""
 
     exit_code = 2
+
+
+def dataclass_from_dict(cls, d: dict, what: str):
+    """Build dataclass ``cls`` from JSON ``d``, naming unknown or missing fields as a UserError."""
+    import dataclasses
+
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UserError(f"{what}: unknown field(s) {', '.join(unknown)}")
+    try:
+        return cls(**d)
+    except TypeError as e:  # a missing required field
+        raise UserError(f"{what}: {e}") from None

@@ -25,7 +25,7 @@ from ddpm_perf.errors import UserError  # noqa: E402
 from ddpm_perf.model.checkpoint import load_checkpoint  # noqa: E402
 from ddpm_perf.model.config import CONFIGS  # noqa: E402
 from ddpm_perf.model.diffusers_import import (  # noqa: E402
-    load_diffusers, schedule_config_from_diffusers, unet_config_from_diffusers)
+    load_diffusers, schedule_config_from_diffusers, unet_config_from_diffusers, unet_config_to_diffusers)
 
 TOL = 1e-4
 
@@ -318,3 +318,11 @@ def test_cli_convert_bad_config_is_one_line(tmp_path):
     assert result.stderr.startswith("ddpm-perf: error: ") and result.stderr.count("\n") == 1
     assert "'act_fn'" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "out.safetensors").exists()
+
+
+@pytest.mark.parametrize("google,ours", [(CIFAR10_32, "cifar10"), (CELEBAHQ_256, "celebahq256")])
+def test_export_is_the_inverse_of_import(google, ours):
+    config = dataclasses.replace(CONFIGS[ours], dropout=0.0)  # dropout is not stored in Google's files
+    exported = unet_config_to_diffusers(config)
+    assert exported == {**{k: v for k, v in google.items() if not k.startswith("_")}, "dropout": 0.0}
+    assert unet_config_from_diffusers(exported) == config

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UserError
+from ..errors import UserError, dataclass_from_dict
 
 BETA_SCHEDULES = ("linear", "cosine")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -43,11 +43,7 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ScheduleConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"schedule config: unknown field(s) {', '.join(unknown)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d, "schedule config")
 
 
 def make_betas(cfg: ScheduleConfig) -> Tensor:

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from ..errors import UserError
+from ..errors import UserError, dataclass_from_dict
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"model config: unknown field(s) {', '.join(unknown)}")
-        try:
-            return cls(**d)
-        except TypeError as e:  # a missing required field
-            raise UserError(f"model config: {e}") from None
+        return dataclass_from_dict(cls, d, "model config")
 
 
 CONFIGS: dict[str, UNetConfig] = {

@@ -341,6 +341,23 @@ def _up_types(attn: list[bool]) -> list[str]:
     return ["AttnUpBlock2D" if a else "UpBlock2D" for a in attn]
 
 
+def unet_config_to_diffusers(config: UNetConfig) -> dict:
+    """The UNet2DModel config of the same network: the inverse of ``unet_config_from_diffusers``
+    (for building a diffusers model to compare against)."""
+    levels = range(config.num_levels)
+    attn = [config.image_size // 2 ** level in config.attn_resolutions for level in levels]
+    return {
+        "sample_size": config.image_size, "in_channels": config.in_channels, "out_channels": config.out_channels,
+        "block_out_channels": [config.ch * m for m in config.ch_mult], "layers_per_block": config.num_res_blocks,
+        "down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": _up_types(attn[::-1]),
+        "norm_num_groups": config.num_groups, "norm_eps": config.norm_eps, "act_fn": "silu",
+        "time_embedding_type": "positional", "flip_sin_to_cos": False, "freq_shift": 1,
+        "resnet_time_scale_shift": "default", "attention_head_dim": None, "downsample_padding": 0,
+        "mid_block_scale_factor": 1, "center_input_sample": False, "dropout": config.dropout,
+    }
+
+
 def schedule_config_from_diffusers(cfg: dict, source: str = SCHEDULER_CONFIG_FILE) -> ScheduleConfig:
     """Map a diffusers DDPMScheduler/DDIMScheduler config (scheduler_config.json) to a ScheduleConfig."""
     f = _Fields(cfg, source, SCHEDULER_DEFAULTS)
