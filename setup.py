@@ -10,6 +10,7 @@ PLUGINS = {
     "compile": "ddpm_perf_plugins.compile:Compile",
     "checkpoint": "ddpm_perf_plugins.checkpoint:Checkpoint",
     "cuda_graphs": "ddpm_perf_plugins.cuda_graphs:CudaGraphs",
+    "deep_cache": "ddpm_perf_plugins.deep_cache:DeepCache",
 }
 
 setup(
