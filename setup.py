@@ -18,13 +18,15 @@ setup(
     version="0.1.0",
     description="Fast DDPM sampling and training on CPU and GPU, with pluggable speedups",
     python_requires=">=3.10",
-    packages=["ddpm_perf", "ddpm_perf.model", "ddpm_perf.diffusion", "ddpm_perf.data", "ddpm_perf_plugins"],
+    packages=["ddpm_perf", "ddpm_perf.model", "ddpm_perf.diffusion", "ddpm_perf.data", "ddpm_perf.metrics",
+              "ddpm_perf_plugins"],
     package_dir={"ddpm_perf": "ddpm_perf", "ddpm_perf_plugins": "plugins"},
     package_data={"ddpm_perf": ["assets/*.safetensors"]},
     install_requires=[
         "torch>=2.4",  # install the build you want first (the Makefile pins the CPU build)
         "numpy", "click>=8", "pluggy>=1.3", "safetensors>=0.4", "tqdm", "pillow",
         "scikit-learn",  # the digits data set
+        "scipy",  # sqrtm of the Frechet distance
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis", "diffusers>=0.30", "matplotlib", "scipy"],

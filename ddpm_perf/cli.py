@@ -244,6 +244,61 @@ def convert(source, dest, dtype):
     click.echo(f"wrote {dest} ({dest.stat().st_size / 2**20:.1f} MiB, {dtype})")
 
 
+@main.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("reference", type=click.Path(path_type=Path), required=False)
+@click.option("--inception", type=click.Path(path_type=Path), default=None,
+              help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth (default: torch's hub cache).")
+@click.option("--digits", is_flag=True,
+              help="FD-digits: the digits classifier's features instead of Inception's; REFERENCE defaults "
+                   "to the digits data set.")
+@click.option("--save-stats", type=click.Path(path_type=Path), default=None, metavar="OUT.npz",
+              help="Save SOURCE's statistics (mu, sigma) as pytorch-fid does; without REFERENCE, only that.")
+@click.option("--batch-size", type=int, default=50, show_default=True, callback=positive)
+@device_option
+def fid(source, reference, inception, digits, save_stats, batch_size, device):
+    """FID between SOURCE and REFERENCE, computed as pytorch-fid computes it.
+
+    Each is an image folder, an .npz of uint8 NHWC images (key 'images', as 'sample --out x.npz'
+    writes) or a statistics .npz (keys 'mu', 'sigma', as pytorch-fid's --save-stats writes)."""
+    import warnings
+
+    from .metrics.fid import DigitsSpace, InceptionSpace, check_input, input_stats
+    from .metrics.frechet import frechet_distance, save_stats as write_stats
+
+    if reference is None and save_stats is None and not digits:
+        raise UserError("give REFERENCE to compare SOURCE with, or --save-stats OUT.npz to save SOURCE's statistics")
+    if save_stats is not None:
+        if save_stats.suffix.lower() != ".npz":
+            raise UserError(f"--save-stats {save_stats}: name the statistics file OUT.npz")
+        if not save_stats.parent.is_dir():
+            raise UserError(f"--save-stats {save_stats}: folder {save_stats.parent} does not exist; create it first")
+    for path in (source, reference):
+        if path is not None:
+            check_input(path)
+    compare = reference is not None or digits  # --digits: REFERENCE defaults to the digits data set
+    space = DigitsSpace() if digits else InceptionSpace(inception, resolve_device(device))
+    stats = input_stats(source, space, batch_size)
+    if save_stats is not None:
+        write_stats(save_stats, stats.mu, stats.sigma)
+        what = f"{stats.images} images" if stats.images is not None else f"statistics of {source}"
+        # stdout keeps the one result line when there is a distance to print
+        click.echo(f"wrote {save_stats} ({space.name} statistics, {stats.dim}-d, of {what})", err=compare)
+        if not compare:
+            return
+    ref = input_stats(reference, space, batch_size) if reference is not None else space.reference()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            distance = frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
+        except ValueError as e:  # a significant imaginary component, as pytorch-fid raises it
+            raise UserError(f"the Fréchet distance failed: {e}; the covariances are degenerate "
+                            "(too few images?)") from None
+    for w in caught:
+        click.echo(f"ddpm-perf: note: {w.message}", err=True)
+    click.echo(f"{space.label}: {distance:.3f}")
+
+
 @main.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_plugins(as_json: bool) -> None:

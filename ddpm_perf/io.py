@@ -15,19 +15,22 @@ from PIL import Image
 from .errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".npz")
+_UMASK = os.umask(0)  # read the process umask (there is no getter) and put it back at once
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync it and rename it over ``path``."""
     path = Path(path)
-    # Not mkstemp: its files are mode 0600; this one gets the usual permissions (umask).
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     tmp.open("xb").close()
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # Writers such as safetensors' save_file create 0600 files: give the usual permissions.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
