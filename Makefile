@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?= -q
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench nightly clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,14 @@ test: install
 bench: install
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
 	$(BIN)/python -m pytest benchmarks --benchmark-only --benchmark-autosave
+
+# The nightly regression run (benchmarks/nightly.py): runs the suites, saves to .benchmarks/, compares
+# with the last good run (exit 3 on a regression), writes reports/report.md and report.png.
+# e.g. make nightly NIGHTLY_ARGS="--threshold 15 -- -m 'not compile'"
+NIGHTLY_ARGS ?=
+nightly: install
+	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	$(BIN)/python benchmarks/nightly.py $(NIGHTLY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

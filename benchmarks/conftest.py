@@ -6,7 +6,19 @@ Environment:
   DDPM_PERF_BENCH_SMOKE=1     tiny configs (the digits-size U-Net, 2 steps) so that
                               ``pytest benchmarks --benchmark-disable`` checks the suites in seconds
   DDPM_PERF_BENCH_THREADS=N   torch threads (default 2, the project's machines)
-  DDPM_PERF_BENCH_ROUNDS=N    timed rounds of the full-size benchmarks (default 9)
+  DDPM_PERF_BENCH_ROUNDS=N    timed rounds of the benchmarks that use ``timing.rounds`` (default 9;
+                              1 in smoke runs unless set: the nightly's --smoke sets 5)
+  DDPM_PERF_BENCH_TRAIN_ROUNDS=N
+                              timed pairs of training steps (test_training.py; default 5)
+  DDPM_PERF_BENCH_SMOKE_COMPILE=1
+                              smoke runs include the benchmarks marked ``compile`` (skipped there by
+                              default: a cold inductor compile of even the digits U-Net took ~50 s on
+                              the 2-core machines; ~3 s with a warm inductor cache)
+  DDPM_PERF_BENCH_INJECT_SLOWDOWN=S
+                              add S seconds to every timed call of the target of the benchmarks whose
+                              node name contains DDPM_PERF_BENCH_INJECT_INTO (all if unset), inside the
+                              timing helpers below: a fake regression, to test that the nightly
+                              (benchmarks/nightly.py) catches one (tests/test_nightly.py)
   OMP_WAIT_POLICY             left as set; if unset it is set to PASSIVE here, before torch loads.
                               With the default (spinning) policy, a 2-thread run on a 2-core machine
                               that is busy with another process was measured 7-8x slower per U-Net
@@ -17,7 +29,15 @@ Environment:
 Every figure the suites report is a ratio to a baseline measured in the same run, interleaved
 round by round (``interleaved``): the machines are shared and noisy, absolute times are not
 comparable between runs. Every benchmark's ``extra_info`` carries the standard keys of
-``REQUIRED_INFO`` (filled by the autouse fixture ``_standard_extra_info``).
+``REQUIRED_INFO`` (filled by the autouse fixture ``_standard_extra_info``); one whose outputs
+differ from eager fp32 (``outputs_change=True``) also carries its deviation (``DEVIATION_INFO``,
+from ``timing.deviation``). The keys the nightly report reads: ``speedup_vs_eager`` (with
+``speedup_vs_eager_iqr``), ``gflop_per_s``, ``dtype``, ``rel_dev``/``max_abs_dev``/``deviation_of``,
+``fd_digits``, and the roofline's ``roofline_rate``.
+
+Benchmarks marked ``compile`` (torch.compile: minutes of compilation of the cifar10 U-Net on
+the CPU, outside the timed rounds) can be left out with ``-m 'not compile'`` (or
+``-k 'not compile'``: their ids contain "compile").
 """
 
 from __future__ import annotations
@@ -43,11 +63,15 @@ from ddpm_perf.model.unet import UNet, count_parameters  # noqa: E402
 
 SMOKE = os.environ.get("DDPM_PERF_BENCH_SMOKE", "").lower() in ("1", "true", "yes", "on")
 THREADS = int(os.environ.get("DDPM_PERF_BENCH_THREADS", "2"))
-ROUNDS = 1 if SMOKE else int(os.environ.get("DDPM_PERF_BENCH_ROUNDS", "9"))
+ROUNDS = int(os.environ.get("DDPM_PERF_BENCH_ROUNDS", "1" if SMOKE else "9"))
+SMOKE_COMPILE = os.environ.get("DDPM_PERF_BENCH_SMOKE_COMPILE", "").lower() in ("1", "true", "yes", "on")
+INJECT_SLOWDOWN = float(os.environ.get("DDPM_PERF_BENCH_INJECT_SLOWDOWN", "0") or 0)
+INJECT_INTO = os.environ.get("DDPM_PERF_BENCH_INJECT_INTO", "")
 torch.set_num_threads(THREADS)
 
 REQUIRED_INFO = ("plugins", "batch", "shape", "dtype", "device", "seconds_per_step", "images_per_s",
                  "gflop_per_s")
+DEVIATION_INFO = ("deviation_of", "rel_dev", "max_abs_dev", "mean_abs_dev")
 
 
 @dataclass(frozen=True)
@@ -95,6 +119,33 @@ def flops_per_image(model: torch.nn.Module, image_shape: tuple[int, ...], key: o
 
 # -- timing -----------------------------------------------------------------------------------
 
+# The injected delay (DDPM_PERF_BENCH_INJECT_SLOWDOWN) of the running benchmark: set by the
+# autouse fixture for the benchmarks it applies to, added inside the timed target calls.
+_INJECTED = {"seconds": 0.0}
+
+
+def _inject() -> None:
+    if _INJECTED["seconds"]:
+        time.sleep(_INJECTED["seconds"])
+
+
+def rounds_of(benchmark, fn: Callable[[], object], rounds: int = ROUNDS, warmup_rounds: int = 1) -> SimpleNamespace:
+    """Time ``fn`` alone with ``benchmark.pedantic`` (no baseline); returns the timed seconds
+    (warm-up rounds dropped) and the last result. For kernels whose figure is a rate, not a ratio."""
+    times: list[float] = []
+    results: dict[str, object] = {}
+
+    def run() -> None:
+        start = time.perf_counter()
+        _inject()
+        results["result"] = fn()
+        times.append(time.perf_counter() - start)
+
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=warmup_rounds)
+    keep = min(rounds, len(times))
+    return SimpleNamespace(target=times[-keep:], result=results.get("result"))
+
+
 def interleaved(benchmark, target: Callable[[], object], baseline: Callable[[], object], rounds: int = ROUNDS,
                 warmup_rounds: int = 1) -> SimpleNamespace:
     """Time ``target`` with ``benchmark.pedantic`` and ``baseline`` between its rounds, in
@@ -109,6 +160,8 @@ def interleaved(benchmark, target: Callable[[], object], baseline: Callable[[], 
 
     def timed(fn: Callable[[], object], key: str) -> None:
         start = time.perf_counter()
+        if key == "target":
+            _inject()
         results[key] = fn()
         times[key].append(time.perf_counter() - start)
 
@@ -130,6 +183,24 @@ def interleaved(benchmark, target: Callable[[], object], baseline: Callable[[], 
                            target_result=results.get("target"), baseline_result=results.get("baseline"))
 
 
+def speedup(target: list[float], baseline: list[float]) -> dict[str, object]:
+    """baseline/target (> 1: the target is faster): the median of the pair ratios, with their
+    quartiles, and the ratio of the medians. The extra_info keys the nightly report reads."""
+    r = ratios(target, baseline)
+    return {"speedup_vs_eager": 1 / r["paired"], "speedup_vs_eager_iqr": [1 / r["paired_q3"], 1 / r["paired_q1"]],
+            "speedup_vs_eager_medians": 1 / r["median"], "pairs": len(target)}
+
+
+def deviation(out: torch.Tensor, ref: torch.Tensor, of: str) -> dict[str, object]:
+    """How far ``out`` is from the fp32 reference ``ref``: relative L2 (||out - ref|| / ||ref||),
+    max and mean absolute deviation; ``of`` names what was compared (eps, images, ...)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    diff = out - ref
+    return {"deviation_of": of, "rel_dev": (diff.norm() / ref.norm().clamp_min(1e-30)).item(),
+            "max_abs_dev": diff.abs().max().item(), "mean_abs_dev": diff.abs().mean().item(),
+            "ref_abs_mean": ref.abs().mean().item()}
+
+
 def ratios(target: list[float], baseline: list[float]) -> dict[str, float]:
     """target/baseline three ways: ratio of medians, of minimums, and the median of the ratios of
     adjacent pairs (the most robust to drift), with the quartiles of those pair ratios."""
@@ -142,6 +213,20 @@ def ratios(target: list[float], baseline: list[float]) -> dict[str, float]:
         "paired_q1": q1,  # the spread of the pair ratios: the run's noise
         "paired_q3": q3,
     }
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile: torch.compile benchmarks (minutes of compilation on the CPU); "
+                            "deselect with -m 'not compile'")
+
+
+def pytest_collection_modifyitems(config, items):
+    if SMOKE and not SMOKE_COMPILE:
+        skip = pytest.mark.skip(reason="smoke run: torch.compile takes ~50 s even for the digits U-Net on 2 cores "
+                                "(cold inductor cache); set DDPM_PERF_BENCH_SMOKE_COMPILE=1 to include it")
+        for item in items:
+            if item.get_closest_marker("compile"):
+                item.add_marker(skip)
 
 
 def pytest_generate_tests(metafunc):
@@ -189,9 +274,11 @@ def unet_flops(bench, unet) -> int:
 
 @pytest.fixture(scope="session")
 def timing() -> SimpleNamespace:
-    """The timing helpers, for the test modules: ``timing.interleaved``, ``timing.ratios``,
-    ``timing.flops_per_image``, ``timing.rounds``, ``timing.headline(line)`` (printed in the summary)."""
-    return SimpleNamespace(interleaved=interleaved, ratios=ratios, flops_per_image=flops_per_image, rounds=ROUNDS,
+    """The timing helpers, for the test modules: ``timing.interleaved``, ``timing.rounds_of``,
+    ``timing.ratios``, ``timing.speedup``, ``timing.deviation``, ``timing.flops_per_image``,
+    ``timing.rounds``, ``timing.headline(line)`` (printed in the summary)."""
+    return SimpleNamespace(interleaved=interleaved, rounds_of=rounds_of, ratios=ratios, speedup=speedup,
+                           deviation=deviation, flops_per_image=flops_per_image, rounds=ROUNDS,
                            headline=HEADLINES.append)
 
 
@@ -211,7 +298,12 @@ def _standard_extra_info(request, bench):
                 shape=[bench.batch, *bench.image_shape], dtype="float32", device="cpu", mode="eager",
                 threads=torch.get_num_threads(), steps=bench.steps, smoke=SMOKE)
     default_flops = request.getfixturevalue("unet_flops")
-    yield
+    if INJECT_SLOWDOWN and INJECT_INTO in request.node.name:
+        _INJECTED["seconds"] = info["injected_slowdown_s"] = INJECT_SLOWDOWN
+    try:
+        yield
+    finally:
+        _INJECTED["seconds"] = 0.0
     report = getattr(request.node, "rep_call", None)
     if report is None or not report.passed:
         return
@@ -224,7 +316,7 @@ def _standard_extra_info(request, bench):
         if "flops_per_image" not in info:
             info["flops_per_image"] = default_flops
         info.setdefault("gflop_per_s", info["flops_per_image"] * info["batch"] / sps / 1e9)
-    missing = [k for k in REQUIRED_INFO if k not in info]
+    missing = [k for k in REQUIRED_INFO + (DEVIATION_INFO if info.get("outputs_change") else ()) if k not in info]
     if missing:
         pytest.fail(f"benchmark {request.node.name} did not record extra_info {missing}", pytrace=False)
 
@@ -242,8 +334,22 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     machine_info["mkldnn"] = torch.backends.mkldnn.is_available()
     machine_info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
-    machine_info["load_average_at_start"] = list(os.getloadavg())
     machine_info["ddpm_perf_bench_smoke"] = SMOKE
+    # machine_info must not change from run to run on the same machine: pytest-benchmark compares
+    # it with the baseline's (--benchmark-compare) and warns on any difference (and 5.2.3 crashes
+    # in that warning when the storage is outside the working directory). So no load average
+    # here (it is in the run's "run_info", below), and no measured clock.
+    for volatile in ("hz_actual", "hz_actual_friendly"):
+        (machine_info.get("cpu") or {}).pop(volatile, None)
+
+
+_LOAD_AT_START = list(os.getloadavg())
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["run_info"] = {"load_average_at_start": _LOAD_AT_START, "load_average_at_end": list(os.getloadavg()),
+                               "smoke": SMOKE, "rounds": ROUNDS, "threads": torch.get_num_threads(),
+                               "injected_slowdown_s": INJECT_SLOWDOWN, "injected_into": INJECT_INTO}
 
 
 def pytest_report_header(config):

@@ -1,5 +1,6 @@
 """Peak rates of this machine for the kernels a DDPM U-Net step is made of (docs/performance.md,
-section "Machine"). A plain script, not a benchmark test:
+section "Machine"). A plain script, not a benchmark test (benchmarks/test_roofline.py times the
+same ``kernels()`` as benchmarks, for the nightly report's roofline):
 
     python benchmarks/machine.py [--threads 2] [--json out.json]
 
@@ -19,6 +20,7 @@ import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -37,36 +39,87 @@ def rate(fn: Callable[[], object], work: float, repeats: int, warmup: int = 2) -
             "seconds_median": statistics.median(seconds)}
 
 
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel of the table: ``build()`` allocates its tensors and returns ``(fn, work)``, the
+    call to time and the work of one call (GFLOP, GOP or GB: ``unit`` without the "/s"). Also the
+    roofline benchmarks' kernels (benchmarks/test_roofline.py), at smaller sizes in smoke runs."""
+
+    key: str  # e.g. "fp32_matmul"
+    label: str  # the name printed by this script
+    kind: str  # "compute" or "memory"
+    dtype: str  # the dtype the kernel computes in: float32, bfloat16, int8
+    op: str  # "matmul", "conv3x3", "copy", "add"
+    unit: str  # GFLOP/s, GOP/s, GB/s
+    build: Callable[[], tuple[Callable[[], object], float]]
+    repeats_factor: int = 1  # the short convs get more timed calls
+
+
+def kernels(n: int = 4096, conv: tuple[int, int, int] = (8, 256, 16), mem_mib: int = 256) -> list[Kernel]:
+    """The kernels of the "Machine" table: ``n``^3 matmuls, a 3x3 ``conv`` = (batch, channels,
+    size) convolution (a cifar10 U-Net conv of the 16x16 level by default), and copies/adds of
+    ``mem_mib`` MiB fp32 tensors (far beyond the caches at the default)."""
+
+    def matmul(dtype: torch.dtype):
+        def build():
+            if dtype == torch.int8:
+                a = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+                b = torch.randint(-128, 127, (n, n), dtype=torch.int8)
+                return (lambda: torch._int_mm(a, b)), 2 * n**3 / 1e9
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            return (lambda: a @ b), 2 * n**3 / 1e9
+
+        return build
+
+    batch, ch, size = conv
+
+    def conv3x3(dtype: torch.dtype):
+        def build():
+            x = torch.randn(batch, ch, size, size, dtype=dtype)
+            w, bias = (torch.randn(ch, ch, 3, 3) * 0.02).to(dtype), torch.zeros(ch, dtype=dtype)
+
+            def fn():
+                with torch.inference_mode():
+                    return F.conv2d(x, w, bias, padding=1)
+
+            return fn, 2 * batch * ch * ch * 9 * size * size / 1e9
+
+        return build
+
+    numel = mem_mib * 2**20 // 4
+    nbytes = numel * 4
+
+    def copy():
+        src, dst = torch.randn(numel), torch.empty(numel)
+        return (lambda: dst.copy_(src)), 2 * nbytes / 1e9
+
+    def add():
+        src, other, dst = torch.randn(numel), torch.randn(numel), torch.empty(numel)
+        return (lambda: torch.add(src, other, out=dst)), 3 * nbytes / 1e9
+
+    shape = f"{batch}x{ch}x{size}x{size}"
+    return [
+        Kernel("fp32_matmul", f"fp32 matmul {n}^3 (GFLOP/s)", "compute", "float32", "matmul", "GFLOP/s",
+               matmul(torch.float32)),
+        Kernel("bf16_matmul", f"bf16 matmul {n}^3 (GFLOP/s)", "compute", "bfloat16", "matmul", "GFLOP/s",
+               matmul(torch.bfloat16)),
+        Kernel("int8_matmul", f"int8 torch._int_mm {n}^3 (GOP/s)", "compute", "int8", "matmul", "GOP/s",
+               matmul(torch.int8)),
+        Kernel("fp32_conv3x3", f"fp32 conv3x3 {shape} (GFLOP/s)", "compute", "float32", "conv3x3", "GFLOP/s",
+               conv3x3(torch.float32), repeats_factor=5),
+        Kernel("bf16_conv3x3", f"bf16 conv3x3 {shape} (GFLOP/s)", "compute", "bfloat16", "conv3x3", "GFLOP/s",
+               conv3x3(torch.bfloat16), repeats_factor=5),
+        Kernel("copy", f"copy {mem_mib} MiB (GB/s, read + write)", "memory", "float32", "copy", "GB/s", copy),
+        Kernel("add", f"add {mem_mib} MiB (GB/s, 2 reads + write)", "memory", "float32", "add", "GB/s", add),
+    ]
+
+
 def measure(repeats: int) -> dict[str, dict]:
     results = {}
-    n = 4096
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    results["fp32 matmul 4096^3 (GFLOP/s)"] = rate(lambda: a @ b, 2 * n**3 / 1e9, repeats)
-    a16, b16 = a.bfloat16(), b.bfloat16()
-    results["bf16 matmul 4096^3 (GFLOP/s)"] = rate(lambda: a16 @ b16, 2 * n**3 / 1e9, repeats)
-    a8 = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-    b8 = torch.randint(-128, 127, (n, n), dtype=torch.int8)
-    results["int8 torch._int_mm 4096^3 (GOP/s)"] = rate(lambda: torch._int_mm(a8, b8), 2 * n**3 / 1e9, repeats)
-    del a, b, a16, b16, a8, b8
-
-    # A cifar10 U-Net conv: the 3x3 convs of the 16x16 level (256 channels), batch 8.
-    x = torch.randn(8, 256, 16, 16)
-    w, bias = torch.randn(256, 256, 3, 3) * 0.02, torch.zeros(256)
-    flops = 2 * 8 * 256 * 256 * 9 * 16 * 16
-    with torch.inference_mode():
-        results["fp32 conv3x3 8x256x16x16 (GFLOP/s)"] = rate(lambda: F.conv2d(x, w, bias, padding=1),
-                                                               flops / 1e9, repeats * 5)
-        xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
-        results["bf16 conv3x3 8x256x16x16 (GFLOP/s)"] = rate(lambda: F.conv2d(xb, wb, bb, padding=1),
-                                                               flops / 1e9, repeats * 5)
-
-    # Memory: 256 MiB fp32 tensors, far beyond the caches. copy moves 2 x 256 MiB, add 3 x 256 MiB.
-    size = 64 * 2**20
-    src, other, dst = torch.randn(size), torch.randn(size), torch.empty(size)
-    nbytes = size * 4
-    results["copy 256 MiB (GB/s, read + write)"] = rate(lambda: dst.copy_(src), 2 * nbytes / 1e9, repeats)
-    results["add 256 MiB (GB/s, 2 reads + write)"] = rate(lambda: torch.add(src, other, out=dst), 3 * nbytes / 1e9,
-                                                          repeats)
+    for kernel in kernels():
+        fn, work = kernel.build()
+        results[kernel.label] = rate(fn, work, repeats * kernel.repeats_factor)
+        del fn  # frees the kernel's tensors before the next one is allocated
     return results
 
 

@@ -1,0 +1,124 @@
+"""One U-Net forward (the denoiser call of a sampling step) per plugin combination: cifar10
+config, batch 8, inference_mode (smoke: the digits config).
+
+Each combination is built as the CLI builds it, ``PluginHost.from_spec(spec)`` applied by a
+``SamplingEngine``, and timed through the engine's wrapped denoiser,
+``engine.denoise(x, t, StepPlan())``, on a fixed input (t = 500), interleaved round by round
+with the same call on an engine without plugins (eager fp32) over the same weights. Recorded
+in ``extra_info``: ``speedup_vs_eager`` (median of the pair ratios, with quartiles), the
+deviation of eps from the eager fp32 eps of the same input (``rel_dev``: relative L2,
+``max_abs_dev``, ``mean_abs_dev``), GFLOP/s from the cached FLOP count of the fp32 network,
+and for compile the compilation seconds (the first calls, before the timed rounds).
+
+The spec ``""`` (eager against eager) is the noise floor of the run: its speedup should be 1.
+
+Compile combinations are marked ``compile`` (compiling the cifar10 U-Net takes minutes on
+the CPU): ``pytest benchmarks/test_plugins.py -m 'not compile'`` (or ``-k 'not compile'``)
+leaves them out; in smoke runs they are skipped unless DDPM_PERF_BENCH_SMOKE_COMPILE=1.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from ddpm_perf.diffusion.samplers import DDIMSampler
+from ddpm_perf.diffusion.schedule import Diffusion
+from ddpm_perf.engine import SamplingEngine, initial_noise
+from ddpm_perf.model.unet import StepPlan
+from ddpm_perf.plugins import PluginHost
+
+SPECS = ("", "channels_last", "amp", "amp(weights=true)", "channels_last,amp", "compile",
+         "channels_last,amp,compile")
+
+
+def spec_id(spec: str) -> str:
+    """'' -> 'eager', 'channels_last,amp' -> 'channels_last-amp', 'amp(weights=true)' -> 'amp_weights'."""
+    return spec.replace("(weights=true)", "_weights").replace(",", "-") or "eager"
+
+
+def spec_params(specs) -> list:
+    return [pytest.param(s, id=spec_id(s), marks=[pytest.mark.compile] if "compile" in s else []) for s in specs]
+
+
+def compute_dtype(host: PluginHost) -> str:
+    """The dtype the convolutions and matmuls run in: amp's autocast dtype, else float32."""
+    amp = next((p for p in host.plugins if p.name == "amp"), None)
+    return amp.opts.dtype if amp is not None else "float32"
+
+
+def make_engine(checkpoint, bench, spec: str) -> SamplingEngine:
+    sampler = DDIMSampler(Diffusion(checkpoint.schedule_config), bench.steps, eta=0.0)
+    return SamplingEngine(checkpoint, sampler, PluginHost.from_spec(spec), batch_size=bench.batch)
+
+
+@pytest.fixture(scope="module")
+def inputs(bench):
+    x = initial_noise(bench.batch, bench.image_shape, bench.seed)
+    t = torch.full((bench.batch,), 500, dtype=torch.long)
+    return x, t
+
+
+@pytest.fixture(scope="module")
+def eager(checkpoint, bench, inputs):
+    """The baseline engine (no plugins) and its eps on the fixed input: the fp32 reference."""
+    engine = make_engine(checkpoint, bench, "")
+    with torch.inference_mode():
+        eps = engine.denoise(*inputs, StepPlan()).clone()
+    return engine, eps
+
+
+@pytest.mark.parametrize("spec", spec_params(SPECS))
+def test_forward(benchmark, bench, checkpoint, timing, inputs, eager, spec):
+    x, t = inputs
+    eager_engine, eager_eps = eager
+    start = time.perf_counter()
+    engine = make_engine(checkpoint, bench, spec)
+    build_seconds = time.perf_counter() - start
+
+    def target():
+        with torch.inference_mode():
+            return engine.denoise(x, t, StepPlan())
+
+    def baseline():
+        with torch.inference_mode():
+            return eager_engine.denoise(x, t, StepPlan())
+
+    first_calls = []  # the first call compiles (compile plugin); the second shows it is done
+    for _ in range(2 if "compile" in spec else 1):
+        start = time.perf_counter()
+        target()
+        first_calls.append(time.perf_counter() - start)
+
+    r = timing.interleaved(benchmark, target, baseline)
+    eps = r.target_result
+    assert eps.shape == eager_eps.shape and eps.dtype == torch.float32
+
+    info = benchmark.extra_info
+    info.update(
+        plugins=spec or "none", dtype=compute_dtype(engine.plugins),
+        mode="compiled" if "compile" in spec else "eager", memory_format=(
+            "channels_last" if "channels_last" in spec else "contiguous"),
+        inference_mode=True, steps=1, t=500,
+        seconds_per_step=statistics.median(r.target),
+        eager_seconds_per_step=statistics.median(r.baseline),
+        **timing.speedup(r.target, r.baseline),
+        target_seconds=r.target, eager_seconds=r.baseline,
+        outputs_change=bool(spec), **timing.deviation(eps, eager_eps, "eps"),
+        build_seconds=build_seconds, first_call_seconds=first_calls[0],
+        plugin_report=list(engine.ctx.report),
+    )
+    if "compile" in spec:
+        # the first call traced and compiled; the second ran the compiled code
+        info["compile_seconds"] = first_calls[0] - first_calls[1]
+    timing.headline(
+        f"forward {spec or 'eager fp32'!s:28} ({bench.config_name}, batch {bench.batch}): speedup "
+        f"{info['speedup_vs_eager']:.3f}x (quartiles {info['speedup_vs_eager_iqr'][0]:.3f} .. "
+        f"{info['speedup_vs_eager_iqr'][1]:.3f}, {info['pairs']} pairs), {info['seconds_per_step'] * 1e3:.1f} ms, "
+        f"eps rel dev {info['rel_dev']:.1e} (max abs {info['max_abs_dev']:.1e})"
+        + (f", compiled in {info['compile_seconds']:.1f} s" if "compile" in spec else ""))
+    if not spec:  # eager against eager: the same network, the same numbers
+        torch.testing.assert_close(eps, eager_eps, rtol=0, atol=0)
