@@ -55,6 +55,7 @@ if "torch" not in sys.modules:  # must precede the first load of libgomp
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils import flop_counter  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from ddpm_perf.model.checkpoint import Checkpoint  # noqa: E402
@@ -115,6 +116,14 @@ def flops_per_image(model: torch.nn.Module, image_shape: tuple[int, ...], key: o
             model(x, t)
         _FLOPS[key] = counter.get_total_flops()
     return _FLOPS[key]
+
+
+# torch 2.13 has no FLOP formula for SDPA's fused CPU kernel (our attention's path): count it as
+# the math path's two matmuls, so attention is not dropped from GFLOP/s figures.
+if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in flop_counter.flop_registry:
+    @flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+    def _cpu_flash_attention_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return flop_counter.sdpa_flop_count(query, key, value)  # shapes, not tensors
 
 
 # -- timing -----------------------------------------------------------------------------------
