@@ -54,8 +54,9 @@ class Checkpoint:
             raise UserError(
                 f"checkpoint {self.path}: weights do not match its model config "
                 f"(missing {_brief(missing)}; unexpected {_brief(unexpected)}); re-create the checkpoint")
+        model = model.to_empty(device="cpu")  # allocated, not initialised; filled by the copy below
         try:
-            model.load_state_dict(self.weights, assign=True)
+            model.load_state_dict(self.weights)
         except RuntimeError as e:  # shape mismatch
             raise UserError(f"checkpoint {self.path}: {str(e).splitlines()[-1].strip()}; "
                             "re-create the checkpoint") from None
