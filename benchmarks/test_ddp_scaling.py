@@ -23,13 +23,26 @@ CONFIG, BATCH = ("digits", 8) if SMOKE else ("cifar10", 16)
 PAIRS = 1 if SMOKE else 2
 
 
-def _train(procs: int, out: str) -> float:
+def _random_images(folder) -> list[str]:
+    """A folder of random RGB images for the cifar10 config (speed only: the content is irrelevant)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return ["--data", "folder", "--data-dir", str(folder)]
+
+
+def _train(procs: int, out: str, data: list[str]) -> float:
     """Steps per second of one run, as the trainer reports it."""
     env = {**os.environ, "OMP_NUM_THREADS": str(2 // procs)}
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
                 if procs > 1 else [sys.executable])
     cmd = [*launcher, "-m", "ddpm_perf", "train", "--config", CONFIG, "--batch-size", str(BATCH),
-           "--steps", str(STEPS), "--warmup", "1", "--checkpoint-every", str(STEPS), "--out", out, "--no-progress"]
+           "--steps", str(STEPS), "--warmup", "1", "--checkpoint-every", str(STEPS), "--out", out, "--no-progress",
+           *data]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stderr[-2000:]
     return float(re.search(r"([\d.]+) steps/s", result.stdout).group(1))
@@ -37,11 +50,12 @@ def _train(procs: int, out: str) -> float:
 
 def test_ddp_scaling(benchmark, tmp_path, bench, unet_flops):
     rates: dict[int, list[float]] = {1: [], 2: []}
+    data = ["--data", "digits"] if CONFIG == "digits" else _random_images(tmp_path / "images")
 
     def pair() -> None:
         order = (1, 2) if len(rates[1]) % 2 == 0 else (2, 1)
         for procs in order:
-            rates[procs].append(_train(procs, str(tmp_path / f"p{procs}_{len(rates[procs])}")))
+            rates[procs].append(_train(procs, str(tmp_path / f"p{procs}_{len(rates[procs])}"), data))
 
     benchmark.pedantic(pair, rounds=PAIRS, iterations=1)
     one, two = statistics.median(rates[1]), statistics.median(rates[2])

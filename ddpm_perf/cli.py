@@ -133,8 +133,10 @@ def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num,
         indices = distributed.shard(list(range(num)), info)
         images = distributed.gather_to_main(engine.sample(num, seed=seed, progress=progress and info.is_main,
                                                           indices=indices), indices, num, info)
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(completed=False)
+        raise
+    distributed.shutdown()
     if not info.is_main:
         return
     save_images(to_uint8(images), out)
@@ -188,8 +190,10 @@ def train(config_name, data_name, data_dir, out, resume, init, steps, batch_size
                                 batch_size, lr, warmup, grad_clip, ema_decay, dropout, hflip, seed,
                                 checkpoint_every, sample_every)
         losses = trainer.run(progress=progress)
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(completed=False)
+        raise
+    distributed.shutdown()
     if not info.is_main:
         return
     tail = losses[-100:] or [float("nan")]

@@ -80,6 +80,11 @@ def check_same_everywhere(value: str, what: str, info: DistInfo) -> None:
         raise UserError(f"ranks disagree on {what}: {values}; launch every rank with the same arguments")
 
 
-def shutdown() -> None:
+def shutdown(completed: bool = True) -> None:
+    """Leave the process group. After a completed run, wait for every rank first (rank 0 may
+    still be writing) so that no rank tears down its connections under another's feet; after a
+    failure, leave at once (the others fail on their next collective)."""
     if dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
