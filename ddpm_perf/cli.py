@@ -120,23 +120,19 @@ def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num,
 
     out = check_output_path(out)
     host = PluginHost.from_spec(plugins)
-    info, device = distributed.init(resolve_device(device))
-    try:
+    with distributed.process_group(resolve_device(device)) as (info, device):
         ckpt = load_checkpoint(checkpoint or default_checkpoint())
-        distributed.check_same_everywhere(
-            f"{sampler} {steps} {eta} {spacing} {clip_sample} {variance} {num} {seed} {plugins} "
-            f"{ckpt.model_config.to_json()} {sum(float(w.double().sum()) for w in ckpt.weights.values()):.6e}",
-            "sampling options or checkpoint", info)
+        if info.enabled:  # a fingerprint of the options and the weights, compared across ranks
+            distributed.check_same_everywhere(
+                f"{sampler} {steps} {eta} {spacing} {clip_sample} {variance} {num} {seed} {plugins} "
+                f"{ckpt.model_config.to_json()} {sum(float(w.double().sum()) for w in ckpt.weights.values()):.6e}",
+                "sampling options or checkpoint", info)
         chosen = make_sampler(sampler, Diffusion(ckpt.schedule_config), steps or DEFAULT_STEPS[sampler], eta,
                               spacing, clip_sample, variance)
         engine = SamplingEngine(ckpt, chosen, host, device, batch_size)
         indices = distributed.shard(list(range(num)), info)
         images = distributed.gather_to_main(engine.sample(num, seed=seed, progress=progress and info.is_main,
                                                           indices=indices), indices, num, info)
-    except BaseException:
-        distributed.shutdown(completed=False)
-        raise
-    distributed.shutdown()
     if not info.is_main:
         return
     save_images(to_uint8(images), out)
@@ -184,16 +180,11 @@ def train(config_name, data_name, data_dir, out, resume, init, steps, batch_size
     from .plugins import PluginHost
 
     host = PluginHost.from_spec(plugins)
-    info, device = distributed.init(resolve_device(device))
-    try:
+    with distributed.process_group(resolve_device(device)) as (info, device):
         trainer = _make_trainer(info, device, host, config_name, data_name, data_dir, out, resume, init, steps,
                                 batch_size, lr, warmup, grad_clip, ema_decay, dropout, hflip, seed,
                                 checkpoint_every, sample_every)
         losses = trainer.run(progress=progress)
-    except BaseException:
-        distributed.shutdown(completed=False)
-        raise
-    distributed.shutdown()
     if not info.is_main:
         return
     tail = losses[-100:] or [float("nan")]

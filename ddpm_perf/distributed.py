@@ -6,8 +6,10 @@ Launch as ``torchrun --nproc_per_node N -m ddpm_perf sample ...``; on several ma
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +51,18 @@ def init(device: torch.device) -> tuple[DistInfo, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DEFAULT_TIMEOUT)
     return info, device
+
+
+@contextlib.contextmanager
+def process_group(device: torch.device) -> Iterator[tuple[DistInfo, torch.device]]:
+    """``init`` on entry; on exit ``shutdown``, waiting for the other ranks only if the run completed."""
+    info, device = init(device)
+    try:
+        yield info, device
+    except BaseException:
+        shutdown(completed=False)
+        raise
+    shutdown()
 
 
 def shard(indices: list[int], info: DistInfo) -> list[int]:

@@ -42,3 +42,12 @@ def tiny_model() -> UNet:
 def tiny_checkpoint(tmp_path, tiny_model):
     """A sampling checkpoint of the tiny model (random weights)."""
     return save_checkpoint(tmp_path / "tiny.safetensors", TINY, ScheduleConfig(), tiny_model.state_dict())
+
+
+def assert_user_error(result, *fragments):
+    """A click result that failed as a user error: exit 2, one 'ddpm-perf: error:' line naming ``fragments``."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddpm-perf: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

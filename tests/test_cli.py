@@ -11,6 +11,8 @@ from PIL import Image
 from ddpm_perf.cli import main
 from ddpm_perf.model.checkpoint import default_checkpoint
 
+from conftest import assert_user_error
+
 
 def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
@@ -19,14 +21,6 @@ def run(*args):
 def sample(ckpt, out, *extra):
     return run("sample", "--checkpoint", ckpt, "--steps", 3, "--num", 3, "--batch-size", 2, "--no-progress",
                "--out", out, *extra)
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ddpm-perf: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_sample_writes_a_grid_an_npz_and_a_folder(tiny_checkpoint, tmp_path):

@@ -18,6 +18,8 @@ from ddpm_perf.metrics.fid import InceptionSpace
 from ddpm_perf.metrics.frechet import frechet_distance, load_stats, save_stats, statistics
 from ddpm_perf.metrics.inception import FID_WEIGHTS_URL, FIDInceptionV3, load_fid_inception
 
+from conftest import assert_user_error
+
 
 def random_spd(rng, d):
     a = rng.normal(size=(d, d))
@@ -276,14 +278,6 @@ def test_train_classifier_writes_weights_and_metadata(tmp_path):
 
 def run(*args):
     return CliRunner().invoke(main, ["fid", *map(str, args)])
-
-
-def assert_user_error(result, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ddpm-perf: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
