@@ -11,6 +11,7 @@ PLUGINS = {
     "checkpoint": "ddpm_perf_plugins.checkpoint:Checkpoint",
     "cuda_graphs": "ddpm_perf_plugins.cuda_graphs:CudaGraphs",
     "deep_cache": "ddpm_perf_plugins.deep_cache:DeepCache",
+    "early_exit": "ddpm_perf_plugins.early_exit:EarlyExit",
 }
 
 setup(

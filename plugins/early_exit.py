@@ -1,0 +1,96 @@
+"""early_exit: ASE-style time-dependent block skipping (Moon et al., ICML 2024) for the conv U-Net.
+
+Near pure noise (large t) the deep units — the middle block and the ResBlocks/attention of the
+lowest-resolution levels — are skipped; near t = 0 the whole network runs. A skipped ResBlock
+keeps its 1x1 shortcut where channels change, attention becomes the identity, and every skip
+concatenation stays (StepPlan.skip). Skipping changes the function, so fine-tune with the same
+schedule: ``ddpm-perf train --plugins early_exit --init CKPT ...`` trains every sample with the
+units its timestep would skip (the batch is split by schedule bucket).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ddpm_perf.errors import UserError
+from ddpm_perf.hooks import hookimpl
+from ddpm_perf.model.unet import StepPlan
+from ddpm_perf.plugins import Option, Phase, Plugin
+
+
+def skip_candidates(unit_names: list[str], num_levels: int, levels: int) -> list[str]:
+    """Skippable units, deepest first: the middle block, then the ResBlocks/attention of the
+    ``levels`` lowest-resolution levels, alternating down and up path from the middle outwards."""
+    order = ["mid_attn", "mid_res1", "mid_res0"]
+    for level in reversed(range(num_levels - levels, num_levels)):
+        down = [n for n in unit_names if n.startswith(f"down{level}_") and not n.endswith("sample")][::-1]
+        up = [n for n in unit_names if n.startswith(f"up{level}_") and not n.endswith("sample")]
+        for i in range(max(len(down), len(up))):
+            order += down[i:i + 1] + up[i:i + 1]
+    return order
+
+
+class TimeGroupedSkip(nn.Module):
+    """Training: runs each sample with the units its timestep skips (one forward per bucket)."""
+
+    def __init__(self, model: nn.Module, plugin: "EarlyExit"):
+        super().__init__()
+        self.model, self.plugin = model, plugin
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, plan: StepPlan | None = None) -> torch.Tensor:
+        buckets = self.plugin.bucket_of(t)
+        out = torch.empty_like(x)
+        for k in buckets.unique().tolist():
+            mine = (buckets == k).nonzero().squeeze(1)
+            out[mine] = self.model(x[mine], t[mine], StepPlan(skip=self.plugin.skips[k]))
+        return out
+
+
+class EarlyExit(Plugin):
+    name = "early_exit"
+    description = "ASE early exit: skip deep U-Net units on a time schedule, more near pure noise."
+    phase = Phase.REWRITE
+    options = {
+        "levels": Option(int, 1, "lowest-resolution levels (besides the middle) whose units may be skipped"),
+        "max_skip": Option(float, 0.5, "fraction of those units skipped in the noisiest bucket"),
+        "buckets": Option(int, 5, "equal timestep ranges; the least noisy runs the whole network"),
+    }
+    conflicts = ("cuda_graphs",)
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        o = self.opts
+        if o.levels < 0 or not 0 <= o.max_skip <= 1 or o.buckets < 2:
+            raise UserError("plugin early_exit: needs levels >= 0, max_skip in [0, 1] and buckets >= 2")
+        self.skips: list[frozenset[str]] = []
+        self._num_timesteps = 1000
+
+    def bucket_of(self, t):
+        return t * self.opts.buckets // self._num_timesteps
+
+    @hookimpl
+    def configure(self, ctx):
+        c = ctx.model_config
+        if self.opts.levels > c.num_levels:
+            raise UserError(f"plugin early_exit: levels={self.opts.levels} exceeds the model's {c.num_levels}")
+        self._num_timesteps = ctx.diffusion.num_timesteps
+
+    @hookimpl
+    def transform_model(self, model, ctx):
+        o = self.opts
+        candidates = skip_candidates(list(model.blocks), model.config.num_levels, o.levels)
+        self.skips = [frozenset(candidates[:round(o.max_skip * len(candidates) * k / (o.buckets - 1))])
+                      for k in range(o.buckets)]
+        if ctx.mode == "train":
+            return TimeGroupedSkip(model, self)
+        if ctx.sampler is not None:
+            steps = ctx.sampler.timesteps
+            skipped = sum(len(self.skips[self.bucket_of(t)]) for t in steps) / len(steps)
+            ctx.report.append(f"early_exit: {skipped:.1f} of {len(model.blocks)} units skipped per step on "
+                              f"average (up to {len(self.skips[-1])} near t=T)")
+        return model
+
+    @hookimpl
+    def plan_step(self, step, t, plan, ctx):
+        plan.skip = plan.skip | self.skips[self.bucket_of(t)]

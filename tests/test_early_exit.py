@@ -1,0 +1,74 @@
+"""early_exit: the schedule, sampling with it, and training with it, against the plain U-Net."""
+
+import pytest
+import torch
+
+from ddpm_perf.diffusion.samplers import make_sampler
+from ddpm_perf.diffusion.schedule import Diffusion, ScheduleConfig
+from ddpm_perf.engine import SamplingEngine, initial_noise
+from ddpm_perf.errors import UserError
+from ddpm_perf.model.checkpoint import load_checkpoint
+from ddpm_perf.model.unet import StepPlan
+from ddpm_perf.plugins import PluginHost
+from ddpm_perf.train import DataSpec, TrainConfig, Trainer
+
+from conftest import TINY
+
+
+def engine(path, spec, sampler="ddim", steps=6):
+    ckpt = load_checkpoint(path)
+    return SamplingEngine(ckpt, make_sampler(sampler, Diffusion(ckpt.schedule_config), steps),
+                          PluginHost.from_spec(spec), "cpu", batch_size=4)
+
+
+def test_schedule_skips_more_near_noise_and_nothing_near_zero(tiny_checkpoint):
+    eng = engine(tiny_checkpoint, "early_exit(levels=1,max_skip=1.0,buckets=4)")
+    plugin = eng.plugins.plugins[0]
+    sizes = [len(s) for s in plugin.skips]
+    assert sizes[0] == 0 and sizes == sorted(sizes) and sizes[-1] > sizes[1]
+    names = set(eng.model.blocks)
+    for skip in plugin.skips:
+        assert skip <= names and not any(n.endswith("sample") for n in skip)
+        assert all(n.startswith(("mid", "down2", "up2")) for n in skip)  # the lowest level and the middle
+    assert plugin.skips[-1] >= {"mid_attn", "mid_res0", "mid_res1"}
+    assert any(line.startswith("early_exit:") for line in eng.ctx.report)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp"])
+def test_sampling_applies_the_schedule(tiny_checkpoint, sampler):
+    eng = engine(tiny_checkpoint, "early_exit", sampler)
+    out = eng.sample(4, seed=3)
+    plugin = eng.plugins.plugins[0]
+    model, diffusion = load_checkpoint(tiny_checkpoint).build()
+    ref = make_sampler(sampler, diffusion, 6)
+    x = initial_noise(4, (1, 16, 16), 3)
+    from ddpm_perf.engine import StepNoise
+    noise = StepNoise(3, range(4), (1, 16, 16))
+    with torch.no_grad():
+        for i, t in enumerate(ref.timesteps):
+            eps = model(x, torch.full((4,), t), StepPlan(skip=plugin.skips[t * 5 // 1000]))
+            x = ref.step(i, eps, x, noise.draw(x.device, x.dtype) if ref.needs_noise(i) else None)
+    torch.testing.assert_close(out, x.clamp(-1, 1))
+
+
+def test_training_runs_each_sample_with_its_own_skips(tmp_path):
+    cfg = TrainConfig(steps=1, batch_size=6, warmup=1, checkpoint_every=1)
+    trainer = Trainer(TINY, ScheduleConfig(), DataSpec("digits"), cfg, tmp_path / "r",
+                      PluginHost.from_spec("early_exit(max_skip=1.0)"))
+    wrapped, plugin = trainer.model, trainer.plugins.plugins[0]
+    x, t = torch.randn(6, 1, 16, 16), torch.tensor([5, 990, 400, 999, 10, 650])
+    out = wrapped(x, t)
+    for i in range(6):
+        alone = trainer.net(x[i:i + 1], t[i:i + 1], StepPlan(skip=plugin.skips[int(t[i]) * 5 // 1000]))
+        torch.testing.assert_close(out[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+    out.sum().backward()  # gradients flow through the grouped forward
+    assert trainer.net.conv_in.weight.grad is not None
+    trainer.run(progress=False)  # and the checkpoint keeps the plain U-Net's names
+    assert "blocks.mid_attn.q.weight" in load_checkpoint(trainer.checkpoint_path).weights
+
+
+def test_bad_options(tiny_checkpoint):
+    with pytest.raises(UserError, match="levels=9 exceeds"):
+        engine(tiny_checkpoint, "early_exit(levels=9)")
+    with pytest.raises(UserError, match="max_skip in"):
+        engine(tiny_checkpoint, "early_exit(max_skip=2)")
