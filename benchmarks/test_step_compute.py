@@ -1,0 +1,180 @@
+"""Quality versus speed of the step-compute savers on the embedded digits model: do DeepCache
+(``deep_cache``) and ASE early exit (``early_exit``) beat simply taking fewer DDIM steps?
+
+One test runs the whole sweep for N images of a fixed seed (full: 512 images in engine batches
+of 128; smoke: 16 images, one batch of 16):
+
+* the "fewer steps" frontier: DDIM (eta 0) at 10, 20, 30, 50 steps (smoke: 2, 4), no plugins;
+* DDIM 50 (smoke: 4) with ``deep_cache(interval=2)``, ``deep_cache(interval=3)``,
+  ``deep_cache(interval=5)``, ``early_exit`` and ``deep_cache(interval=3),amp``.
+
+DDIM 50 without plugins (the frontier's last point) is the baseline. Every configuration is
+timed once per round (full: 2 rounds, smoke: 1), in alternating order (forward, then reversed),
+after one warm-up model call of each engine; its ``speedup`` is the median over rounds of the
+baseline's time over its time in the same round. For each configuration the sweep records the
+FLOPs per image of the whole sampling run (FlopCounterMode around one batch-1 sampling run of
+the engine: it sees the partial forwards of deep_cache and the units early_exit skips), the
+FD-digits of its images and their deviation from the DDIM-50 fp32 images.
+
+The frontier test: the frontier's FD-digits, piecewise linear in time (time relative to the
+DDIM-50 baseline of the same round, i.e. wall time in units of the baseline's), is interpolated
+at the plugin configuration's time — clamped at the frontier's ends: a configuration faster than
+DDIM 10 is compared with DDIM 10's FD, a conservative choice (the frontier only gets worse at
+fewer steps). ``beats_fewer_steps_frontier`` is true where the configuration's FD-digits is below
+the frontier's at its time.
+
+``extra_info``: the standard keys describe the DDIM-50 baseline (``seconds_per_step``: one model
+evaluation of an engine batch); ``configs`` holds one record per configuration (``seconds``,
+``speedup_vs_ddim50``, ``flops_per_image_run``, ``gflop_per_image``, ``fd_digits``, the deviation
+keys, ``frontier_fd_at_time``, ``beats_fewer_steps_frontier``); ``beats_fewer_steps_frontier``
+and ``frontier_fd_at_time`` are also given as {configuration: value} maps.
+
+DDPM_PERF_BENCH_QUALITY_CHECKPOINT=PATH uses another digits checkpoint (as test_quality.py does).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ddpm_perf.diffusion.samplers import DDIMSampler
+from ddpm_perf.diffusion.schedule import Diffusion
+from ddpm_perf.engine import SamplingEngine
+from ddpm_perf.model.checkpoint import load_checkpoint
+from ddpm_perf.model.unet import StepPlan, count_parameters
+from ddpm_perf.plugins import PluginHost
+
+SEED = 0
+FULL = dict(images=512, batch=128, frontier=(10, 20, 30, 50), rounds=2)
+SMOKE = dict(images=16, batch=16, frontier=(2, 4), rounds=1)
+PLUGIN_SPECS = ("deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)", "early_exit",
+                "deep_cache(interval=3),amp")
+
+
+def checkpoint_path() -> Path:
+    override = os.environ.get("DDPM_PERF_BENCH_QUALITY_CHECKPOINT")
+    if override:
+        return Path(override)
+    try:
+        from ddpm_perf.model.checkpoint import default_checkpoint
+    except ImportError as e:
+        pytest.skip(f"no embedded digits model: {e}")
+    return default_checkpoint()
+
+
+def make_engine(checkpoint, spec: str, steps: int, batch: int) -> SamplingEngine:
+    sampler = DDIMSampler(Diffusion(checkpoint.schedule_config), steps, eta=0.0)
+    return SamplingEngine(checkpoint, sampler, PluginHost.from_spec(spec), batch_size=batch)
+
+
+def run_flops(engine: SamplingEngine) -> int:
+    """FLOPs of one whole sampling run of one image (every step, partial forwards included)."""
+    with FlopCounterMode(display=False) as counter:
+        engine.sample(1, seed=SEED)
+    return counter.get_total_flops()
+
+
+def frontier_fd(points: list[tuple[float, float]], at: float) -> float:
+    """FD of the (time, FD) frontier, piecewise linear in time, clamped at its ends."""
+    times, fds = zip(*sorted(points))
+    return float(np.interp(at, times, fds))
+
+
+def test_step_compute_frontier(benchmark, timing, bench):
+    path = checkpoint_path()
+    if not path.is_file():
+        pytest.skip(f"the digits model {path} does not exist; set DDPM_PERF_BENCH_QUALITY_CHECKPOINT")
+    try:
+        from ddpm_perf.metrics.digits_classifier import fd_digits
+    except ImportError as e:
+        pytest.skip(f"FD-digits is not available: {e}")
+    size = SMOKE if bench.smoke else FULL
+    num, batch, rounds = size["images"], size["batch"], size["rounds"]
+    full_steps = max(size["frontier"])
+    checkpoint = load_checkpoint(path)
+    c = checkpoint.model_config
+    shape = (c.in_channels, c.image_size, c.image_size)
+
+    # (name, spec, steps): the frontier first; its last point (DDIM max, no plugins) is the baseline
+    configs = [(f"DDIM {s}", "", s) for s in size["frontier"]]
+    configs += [(f"DDIM {full_steps} + {spec}", spec, full_steps) for spec in PLUGIN_SPECS]
+    baseline = f"DDIM {full_steps}"
+    engines = {name: make_engine(checkpoint, spec, steps, batch) for name, spec, steps in configs}
+    for engine in engines.values():  # first-call costs outside the timed runs
+        with torch.inference_mode():
+            engine.denoise(torch.zeros((batch, *shape)), torch.full((batch,), 500, dtype=torch.long), StepPlan())
+
+    times: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    images: dict[str, torch.Tensor] = {}
+
+    def sweep() -> None:
+        for r in range(rounds):
+            order = configs if r % 2 == 0 else configs[::-1]
+            for name, _, _ in order:
+                start = time.perf_counter()
+                images[name] = engines[name].sample(num, seed=SEED)
+                times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(sweep, rounds=1, warmup_rounds=0)
+
+    ref = images[baseline]
+    fd_ref = float(fd_digits(ref))
+    records = {}
+    for name, spec, steps in configs:
+        t = times[name]
+        rel = [a / b for a, b in zip(t, times[baseline])]  # time relative to the baseline, per round
+        flops = run_flops(engines[name])
+        amp = next((p for p in engines[name].plugins.plugins if p.name == "amp"), None)
+        records[name] = dict(
+            config=name, plugins=spec or "none", steps=steps, frontier=not spec,
+            dtype=amp.opts.dtype if amp else "float32",
+            seconds=statistics.median(t), round_seconds=t, relative_time=statistics.median(rel),
+            speedup_vs_ddim50=1 / statistics.median(rel),
+            seconds_per_step=statistics.median(t) / (steps * -(-num // batch)),
+            flops_per_image_run=flops, flops_per_image=flops / steps, gflop_per_image=flops / 1e9,
+            fd_digits=fd_ref if name == baseline else float(fd_digits(images[name])),
+            **timing.deviation(images[name], ref, "images"),
+        )
+    points = [(rec["relative_time"], rec["fd_digits"]) for rec in records.values() if rec["frontier"]]
+    fastest = min(p[0] for p in points)
+    for rec in records.values():
+        if rec["frontier"]:
+            continue
+        rec["frontier_fd_at_time"] = frontier_fd(points, rec["relative_time"])
+        rec["frontier_extrapolated"] = not fastest <= rec["relative_time"] <= 1.0
+        rec["beats_fewer_steps_frontier"] = bool(rec["fd_digits"] < rec["frontier_fd_at_time"])
+
+    base = records[baseline]
+    info = benchmark.extra_info
+    info.update(
+        plugins="none", config="digits (trained)", checkpoint=str(checkpoint.path),
+        parameters=count_parameters(engines[baseline].model), batch=batch, images=num, shape=[batch, *shape],
+        dtype="float32", mode="sample", sampler=f"DDIM {full_steps} (eta 0)", steps=full_steps, rounds=rounds,
+        seconds_per_step=base["seconds_per_step"], flops_per_image=base["flops_per_image"],
+        fd_digits=fd_ref, fd_digits_fp32=fd_ref, fd_digits_images=num,
+        frontier_time_basis="wall time relative to the DDIM-%d baseline of the same round (median)" % full_steps,
+        configs=list(records.values()),
+        beats_fewer_steps_frontier={n: r["beats_fewer_steps_frontier"] for n, r in records.items() if not r["frontier"]},
+        frontier_fd_at_time={n: r["frontier_fd_at_time"] for n, r in records.items() if not r["frontier"]},
+    )
+    timing.headline(f"step compute vs fewer steps (digits model, {num} images, batch {batch}, {rounds} round(s)): "
+                    f"{'config':34s} {'seconds':>8s} {'speedup':>8s} {'GFLOP/img':>9s} {'FD-digits':>9s} "
+                    f"{'frontier FD':>11s} beats")
+    for rec in records.values():
+        beats = "-" if rec["frontier"] else ("yes" if rec["beats_fewer_steps_frontier"] else "no")
+        front = "-" if rec["frontier"] else f"{rec['frontier_fd_at_time']:.3f}"
+        timing.headline(f"  {rec['config']:34s} {rec['seconds']:8.2f} {rec['speedup_vs_ddim50']:7.2f}x "
+                        f"{rec['gflop_per_image']:9.3f} {rec['fd_digits']:9.3f} {front:>11s} {beats}")
+
+    assert all(torch.isfinite(x).all() for x in images.values())
+    assert base["rel_dev"] == 0.0
+    # the step-compute savers do less work per image than the baseline
+    for name in ("deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)", "early_exit"):
+        assert records[f"DDIM {full_steps} + {name}"]["flops_per_image_run"] < base["flops_per_image_run"], name
