@@ -48,6 +48,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 
 if "torch" not in sys.modules:  # must precede the first load of libgomp
@@ -96,6 +97,15 @@ def bench_setup() -> BenchSetup:
     if SMOKE:
         return BenchSetup("digits", CONFIGS["digits"], batch=8, steps=2, smoke=True)
     return BenchSetup("cifar10", CONFIGS["cifar10"], batch=8, steps=5)
+
+
+def quality_checkpoint_path() -> Path:
+    """The digits model the quality benchmarks sample: $DDPM_PERF_BENCH_QUALITY_CHECKPOINT, else the
+    embedded one."""
+    from ddpm_perf.model.checkpoint import default_checkpoint
+
+    override = os.environ.get("DDPM_PERF_BENCH_QUALITY_CHECKPOINT")
+    return Path(override) if override else default_checkpoint()
 
 
 # -- FLOPs ------------------------------------------------------------------------------------

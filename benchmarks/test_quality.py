@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import statistics
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,6 +31,8 @@ from ddpm_perf.model.checkpoint import load_checkpoint
 from ddpm_perf.model.unet import StepPlan, count_parameters
 from ddpm_perf.plugins import PluginHost
 
+from conftest import quality_checkpoint_path
+
 SPECS = ("", "amp", "channels_last,amp")
 IMAGES, STEPS = 256, 50
 SMOKE_IMAGES, SMOKE_STEPS = 64, 5
@@ -42,21 +43,10 @@ def spec_id(spec: str) -> str:
     return spec.replace(",", "-") or "eager"
 
 
-def checkpoint_path() -> Path:
-    override = os.environ.get("DDPM_PERF_BENCH_QUALITY_CHECKPOINT")
-    if override:
-        return Path(override)
-    try:
-        from ddpm_perf.model.checkpoint import default_checkpoint
-    except ImportError as e:
-        pytest.skip(f"no embedded digits model: {e}")
-    return default_checkpoint()
-
-
 @pytest.fixture(scope="module")
 def quality(bench):
     """The digits checkpoint, the FD-digits function, and the run's size (or a skip saying why not)."""
-    path = checkpoint_path()
+    path = quality_checkpoint_path()
     if not path.is_file():
         pytest.skip(f"the digits model {path} does not exist (the embedded model is not built yet); "
                     "set DDPM_PERF_BENCH_QUALITY_CHECKPOINT to a digits checkpoint to run this")

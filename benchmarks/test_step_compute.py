@@ -34,10 +34,8 @@ DDPM_PERF_BENCH_QUALITY_CHECKPOINT=PATH uses another digits checkpoint (as test_
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,22 +49,13 @@ from ddpm_perf.model.checkpoint import load_checkpoint
 from ddpm_perf.model.unet import StepPlan, count_parameters
 from ddpm_perf.plugins import PluginHost
 
+from conftest import quality_checkpoint_path
+
 SEED = 0
 FULL = dict(images=512, batch=128, frontier=(10, 20, 30, 50), rounds=2)
 SMOKE = dict(images=16, batch=16, frontier=(2, 4), rounds=1)
 PLUGIN_SPECS = ("deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)", "early_exit",
                 "deep_cache(interval=3),amp")
-
-
-def checkpoint_path() -> Path:
-    override = os.environ.get("DDPM_PERF_BENCH_QUALITY_CHECKPOINT")
-    if override:
-        return Path(override)
-    try:
-        from ddpm_perf.model.checkpoint import default_checkpoint
-    except ImportError as e:
-        pytest.skip(f"no embedded digits model: {e}")
-    return default_checkpoint()
 
 
 def make_engine(checkpoint, spec: str, steps: int, batch: int) -> SamplingEngine:
@@ -88,7 +77,7 @@ def frontier_fd(points: list[tuple[float, float]], at: float) -> float:
 
 
 def test_step_compute_frontier(benchmark, timing, bench):
-    path = checkpoint_path()
+    path = quality_checkpoint_path()
     if not path.is_file():
         pytest.skip(f"the digits model {path} does not exist; set DDPM_PERF_BENCH_QUALITY_CHECKPOINT")
     try:

@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import torch
-import pytest
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
