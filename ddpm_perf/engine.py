@@ -57,10 +57,6 @@ class SamplingStats:
     def seconds_per_step(self) -> float:
         return self.seconds / max(self.steps, 1)
 
-    @property
-    def images_per_second(self) -> float:
-        return self.images / self.seconds if self.seconds else 0.0
-
 
 def peak_memory(device: torch.device) -> str:
     if device.type == "cuda":
