@@ -313,6 +313,11 @@ def list_plugins(as_json: bool) -> None:
                        status="available" if reason is None else f"unavailable: {reason}",
                        conflicts=list(cls.conflicts),
                        options={k: o.describe() for k, o in cls.options.items()})
+            if cls.ops:
+                from . import ops
+
+                here = ops.backends("cuda" if torch.cuda.is_available() else "cpu")
+                row["ops"] = {op: here[op] for op in cls.ops}
         rows.append(row)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -327,6 +332,8 @@ def list_plugins(as_json: bool) -> None:
                 click.echo(f"    {name}: {text}")
             if row["conflicts"]:
                 click.echo(f"    conflicts with: {', '.join(row['conflicts'])}")
+            for op, backend in row.get("ops", {}).items():
+                click.echo(f"    op {op}: {backend}")
         else:
             click.echo(f"{head}  {row['status']}")
 
@@ -347,12 +354,16 @@ def info() -> None:
     if flags is not None:
         wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile"]
         click.echo("cpu features: " + " ".join(f"{f}{'+' if f in flags else '-'}" for f in wanted))
-    try:
-        import ddpm_perf._C  # noqa: F401  (built by setup.py when a compiler is present)
+    from . import ops
 
-        click.echo("extension ddpm_perf._C: built")
-    except ImportError as e:
-        click.echo(f"extension ddpm_perf._C: not built ({e}); ops use their PyTorch reference implementations")
+    status = ops.extension_status()
+    if status == "loaded":
+        status += f" (cpu kernels: {torch.ops.ddpm_perf.cpu_isa()})"
+    click.echo(f"extension ddpm_perf._C: {status}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for op, backend in ops.backends(device).items():
+            click.echo(f"op {op} on {device}: {backend}")
     click.echo(f"embedded model: {default_checkpoint()}")
 
 

@@ -83,6 +83,7 @@ class Plugin:
     phase: ClassVar[Phase] = Phase.RUNTIME
     options: ClassVar[dict[str, Option]] = {}
     conflicts: ClassVar[tuple[str, ...]] = ()
+    ops: ClassVar[tuple[str, ...]] = ()  # custom ops it runs: `ddpm-perf plugins` shows their backends
 
     @classmethod
     def available(cls) -> str | None:

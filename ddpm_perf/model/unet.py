@@ -65,21 +65,42 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
 
+class NormAct(nn.GroupNorm):
+    """GroupNorm, optionally preceded by a per-channel shift and followed by SiLU.
+
+    One module for the pattern the U-Net repeats (``silu(group_norm(x + shift))``), so a kernel
+    plugin can swap it for a fused op by replacing modules; the parameters keep GroupNorm's
+    names (``weight``, ``bias``), so checkpoints are unaffected.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float, silu: bool):
+        super().__init__(num_groups, num_channels, eps=eps)
+        self.silu = silu
+
+    def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
+        if shift is not None:
+            x = x + shift[:, :, None, None]
+        y = F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return F.silu(y) if self.silu else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", silu={self.silu}"
+
+
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, groups: int, eps: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.norm1 = NormAct(groups, in_ch, eps, silu=True)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(emb_ch, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.norm2 = NormAct(groups, out_ch, eps, silu=True)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(self.norm1(x))
+        h = self.conv2(self.dropout(self.norm2(h, shift=self.temb_proj(F.silu(emb)))))
         return self.shortcut(x) + h
 
     def skip(self, x: Tensor) -> Tensor:
@@ -91,7 +112,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, ch: int, groups: int, eps: float):
         super().__init__()
-        self.norm = nn.GroupNorm(groups, ch, eps=eps)
+        self.norm = NormAct(groups, ch, eps, silu=False)
         self.q = nn.Linear(ch, ch)
         self.k = nn.Linear(ch, ch)
         self.v = nn.Linear(ch, ch)
@@ -179,7 +200,7 @@ class UNet(nn.Module):
 
         self.blocks = nn.ModuleDict(blocks)
         self.units: tuple[Unit, ...] = tuple(units)
-        self.norm_out = nn.GroupNorm(c.num_groups, ch, eps=c.norm_eps)
+        self.norm_out = NormAct(c.num_groups, ch, c.norm_eps, silu=True)
         self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
         self._branch_points = self._find_branch_points()
 
@@ -229,7 +250,7 @@ class UNet(nn.Module):
                 self._run(0, down_end, h, emb, skips, plan.skip)
                 h = plan.cached
             h = self._run(up_start, len(self.units), h, emb, skips, plan.skip)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(self.norm_out(h))
 
     def _run(self, start: int, stop: int, h: Tensor, emb: Tensor, skips: list[Tensor],
              skip: frozenset[str]) -> Tensor:

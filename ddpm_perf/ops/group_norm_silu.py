@@ -1,0 +1,87 @@
+"""``group_norm_silu``: fused ``[silu](group_norm(x + shift) * weight + bias)``, forward and backward.
+
+Backends: Triton (``ddpm_perf_triton``) for CUDA tensors when Triton is installed, otherwise the
+C++/CUDA kernels of ``ddpm_perf._C``, otherwise :func:`ddpm_perf.ops.reference.group_norm_silu`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .library import has_kernel, load_extension
+
+OP = "group_norm_silu"
+
+
+def _register() -> None:
+    @torch.library.register_fake("ddpm_perf::group_norm_silu")
+    def _(x, weight, bias, shift, groups, eps, silu):
+        torch._check(x.dim() >= 2 and x.shape[1] % groups == 0, lambda: "channels must divide into groups")
+        y = torch.empty_like(x, memory_format=torch.preserve_format)
+        stats = x.new_empty((x.shape[0], groups), dtype=torch.float32)
+        return y, stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("ddpm_perf::group_norm_silu_backward")
+    def _(grad_y, x, weight, bias, shift, mean, rstd, groups, silu):
+        dtype = weight.dtype if weight is not None else torch.float32
+        dw = x.new_empty((x.shape[1],) if weight is not None else (0,), dtype=dtype)
+        db = x.new_empty((x.shape[1],) if bias is not None else (0,), dtype=bias.dtype if bias is not None else dtype)
+        return torch.empty_like(x, memory_format=torch.preserve_format), dw, db
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, shift, groups, eps, silu = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, weight, bias, shift, mean, rstd)
+        ctx.groups, ctx.silu = groups, silu
+
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, weight, bias, shift, mean, rstd = ctx.saved_tensors
+        dx, dw, db = torch.ops.ddpm_perf.group_norm_silu_backward(
+            grad_y, x, weight, bias, shift, mean, rstd, ctx.groups, ctx.silu)
+        dshift = dx.sum(dim=tuple(range(2, x.dim()))).to(shift.dtype) if shift is not None else None
+        return (dx, dw if weight is not None else None, db if bias is not None else None, dshift, None, None, None)
+
+    torch.library.register_autograd("ddpm_perf::group_norm_silu", backward, setup_context=setup_context)
+
+
+if load_extension() is None:
+    _register()
+
+
+def _triton():
+    try:
+        import ddpm_perf_triton
+    except ImportError:
+        return None
+    return ddpm_perf_triton if ddpm_perf_triton.available() is None else None
+
+
+@torch.compiler.assume_constant_result  # fixed per process: torch.compile need not trace the choice
+def _backend(device_type: str) -> str:
+    return backend(torch.device(device_type))
+
+
+def backend(device: torch.device) -> str:
+    if device.type == "cuda" and _triton() is not None:
+        return "triton"
+    if has_kernel(OP, device):
+        return "cpp" if device.type == "cpu" else "cuda"
+    reason = load_extension() or f"ddpm_perf._C has no {device.type} kernel for it"
+    return f"reference ({reason})"
+
+
+def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float = 1e-5,
+                    silu: bool = True, shift: Tensor | None = None) -> Tensor:
+    """``[silu](group_norm(x + shift[:, :, None, None], groups) * weight + bias)`` in one pass.
+
+    ``shift`` (N, C) is the time-embedding add the U-Net's ResBlocks make before their second
+    norm. Statistics are fp32 whatever x's dtype; the output keeps x's dtype and memory format.
+    """
+    kind = _backend(x.device.type)
+    if kind == "triton":
+        return _triton().group_norm_silu(x, weight, bias, shift, groups, eps, silu)
+    if kind.startswith("reference"):
+        return reference.group_norm_silu(x, weight, bias, shift, groups, eps, silu)[0]
+    return torch.ops.ddpm_perf.group_norm_silu(x, weight, bias, shift, groups, eps, silu)[0]

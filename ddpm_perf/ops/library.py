@@ -1,0 +1,38 @@
+"""Loading the C++/CUDA operator library ``ddpm_perf._C``, and knowing why it is not there."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+
+@functools.cache
+def load_extension() -> str | None:
+    """Import ``ddpm_perf._C`` (registering ``torch.ops.ddpm_perf.*``). Returns None when it loaded,
+    otherwise why not: not built, not loadable, or built for another torch version."""
+    try:
+        importlib.import_module("ddpm_perf._C")
+    except ImportError as error:
+        if "No module named" in str(error):
+            return "ddpm_perf._C is not built (install with `pip install --no-build-isolation -e .` and a C++ compiler)"
+        return f"ddpm_perf._C does not load ({error}); rebuild it against this torch"
+    built_for = torch.ops.ddpm_perf.build_torch_version()
+    if built_for != torch.__version__:
+        return (f"ddpm_perf._C was built for torch {built_for} but torch {torch.__version__} is running; "
+                "rebuild it with `pip install --no-build-isolation -e .`")
+    return None
+
+
+def extension_status() -> str:
+    reason = load_extension()
+    return "loaded" if reason is None else reason
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether ``torch.ops.ddpm_perf.<op>`` has a kernel for this device type here."""
+    if load_extension() is not None:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"ddpm_perf::{op}", key)

@@ -1,0 +1,105 @@
+"""ddpm_perf::group_norm_silu (C++ CPU kernel) against the PyTorch reference: values, gradients,
+opcheck, torch.compile(fullgraph=True), bad input; and the fused_norm plugin end to end."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ddpm_perf import ops
+from ddpm_perf.ops import reference
+
+pytestmark = pytest.mark.skipif(ops.extension_status() != "loaded", reason=f"ddpm_perf._C: {ops.extension_status()}")
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def make(n, c, h, w, groups, dtype, channels_last, affine=True, shift=True, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w, generator=g) * 2 + offset).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, generator=g) if affine else None
+    bias = torch.randn(c, generator=g) if affine else None
+    s = torch.randn(n, c, generator=g) if shift else None
+    return x, weight, bias, s
+
+
+def kernel(x, weight, bias, shift, groups, silu, eps=1e-5):
+    return torch.ops.ddpm_perf.group_norm_silu(x, weight, bias, shift, groups, eps, silu)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), groups=st.integers(1, 5), cpg=st.integers(1, 7), h=st.integers(1, 19),
+       w=st.integers(1, 19), dtype=st.sampled_from([torch.float32, torch.bfloat16]), channels_last=st.booleans(),
+       affine=st.booleans(), shift=st.booleans(), silu=st.booleans(), offset=st.sampled_from([0.0, 50.0]))
+def test_forward_matches_reference(n, groups, cpg, h, w, dtype, channels_last, affine, shift, silu, offset):
+    """Odd channel counts, one channel per group, H*W not a multiple of 16, batch 1, both layouts,
+    and a large mean (offset) that a naive E[x^2] - E[x]^2 would cancel away."""
+    x, weight, bias, s = make(n, groups * cpg, h, w, groups, dtype, channels_last, affine, shift, offset=offset)
+    y, mean, rstd = kernel(x, weight, bias, s, groups, silu)
+    y_ref, mean_ref, rstd_ref = reference.group_norm_silu(x, weight, bias, s, groups, 1e-5, silu)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    torch.testing.assert_close(mean, mean_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rstd, rstd_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_non_contiguous_input():
+    x = torch.randn(2, 8, 10, 12)[:, :, ::2, 1:]  # a strided view, neither layout
+    y = kernel(x, torch.ones(8), torch.zeros(8), None, 4, True)[0]
+    torch.testing.assert_close(y, reference.group_norm_silu(x, torch.ones(8), torch.zeros(8), None, 4, 1e-5, True)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_gradients_match_reference(dtype, channels_last, silu):
+    x, weight, bias, s = make(2, 12, 5, 7, 3, dtype, channels_last)
+    grad = torch.randn(x.shape).to(dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, s)]
+    ops.group_norm_silu(leaves[0], leaves[1], leaves[2], 3, 1e-5, silu, shift=leaves[3]).backward(grad)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, weight, bias, s)]
+    reference.group_norm_silu(*ref_leaves[:3], ref_leaves[3], 3, 1e-5, silu)[0].backward(grad)
+    tol = dict(atol=5e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=5e-2)
+    for name, got, want in zip(("x", "weight", "bias", "shift"), leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, **tol, msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("with_shift", [False, True])
+def test_opcheck(with_shift):
+    x, weight, bias, s = make(2, 6, 4, 5, 3, torch.float32, False, shift=with_shift)
+    x.requires_grad_(), weight.requires_grad_()
+    torch.library.opcheck(torch.ops.ddpm_perf.group_norm_silu.default, (x, weight, bias, s, 3, 1e-5, True))
+    torch.library.opcheck(torch.ops.ddpm_perf.group_norm_silu.default,
+                          (x.detach().contiguous(memory_format=torch.channels_last), None, None, s, 3, 1e-5, False))
+
+
+def test_backward_opcheck():
+    x, weight, bias, s = make(2, 6, 4, 5, 3, torch.float32, False)
+    _, mean, rstd = kernel(x, weight, bias, s, 3, True)
+    torch.library.opcheck(torch.ops.ddpm_perf.group_norm_silu_backward.default,
+                          (torch.randn_like(x), x, weight, bias, s, mean, rstd, 3, True))
+
+
+def test_compile_fullgraph_traces_the_op_without_graph_breaks():
+    x, weight, bias, s = make(2, 8, 6, 6, 4, torch.float32, True)
+
+    def f(x, s):
+        return ops.group_norm_silu(x, weight, bias, 4, 1e-5, True, shift=s) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(x, s), f(x, s))
+
+
+@pytest.mark.parametrize("args, message", [
+    (dict(x=torch.randn(2, 6, 4, 4).half()), "float32 and bfloat16"),
+    (dict(groups=4), "not divisible into 4 groups"),
+    (dict(weight=torch.ones(5)), "weight and bias must be"),
+    (dict(shift=torch.ones(3, 6)), "shift must be"),
+])
+def test_bad_input_is_a_clear_error(args, message):
+    call = dict(x=torch.randn(2, 6, 4, 4), weight=torch.ones(6), bias=None, shift=None, groups=3)
+    call.update(args)
+    with pytest.raises(RuntimeError, match=message):
+        kernel(call["x"], call["weight"], call["bias"], call["shift"], call["groups"], True)
