@@ -25,6 +25,7 @@ PLUGINS = {
     "deep_cache": "ddpm_perf_plugins.deep_cache:DeepCache",
     "early_exit": "ddpm_perf_plugins.early_exit:EarlyExit",
     "fused_norm": "ddpm_perf_plugins.fused_norm:FusedNorm",
+    "int8": "ddpm_perf_plugins.int8:Int8",
 }
 
 
@@ -76,7 +77,7 @@ setup(
     packages=["ddpm_perf", "ddpm_perf.model", "ddpm_perf.diffusion", "ddpm_perf.data", "ddpm_perf.metrics",
               "ddpm_perf.ops", "ddpm_perf_plugins", "ddpm_perf_triton"],
     package_dir={"ddpm_perf": "ddpm_perf", "ddpm_perf_plugins": "plugins", "ddpm_perf_triton": "triton_kernels"},
-    package_data={"ddpm_perf": ["assets/*.safetensors"]},
+    package_data={"ddpm_perf": ["assets/*.safetensors", "assets/*.int8.json"]},
     install_requires=[
         "torch>=2.4",  # install the build you want first (the Makefile pins the CPU build)
         "numpy", "click>=8", "pluggy>=1.3", "safetensors>=0.4", "tqdm", "pillow",

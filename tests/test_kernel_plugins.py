@@ -58,3 +58,89 @@ def test_fused_norm_runs_on_the_reference_without_extension(tiny_checkpoint, mon
     eng = engine(tiny_checkpoint, "fused_norm")
     assert any("backend reference (not built)" in line for line in eng.ctx.report)
     assert rel_err(eps_of(eng), eps_of(engine(tiny_checkpoint))) < 1e-5
+
+
+# ---- int8 ----
+
+def calibration_file(path):
+    return path.with_name(path.name + ".int8.json")
+
+
+@needs_extension
+def test_int8_calibrates_saves_and_reuses(tiny_checkpoint):
+    eng = engine(tiny_checkpoint, "int8(steps=2,batch=2)")
+    layers = [m for m in eng.model.modules() if type(m).__name__ == "Int8Conv2d"]
+    assert layers and all(m.x_scale > 0 and 0 <= m.x_zero_point <= 255 for m in layers)
+    assert type(eng.model.conv_in).__name__ == "Conv2d" and type(eng.model.conv_out).__name__ == "Conv2d"
+    saved = calibration_file(tiny_checkpoint)
+    assert saved.exists() and any("calibrated (none saved)" in line for line in eng.ctx.report)
+    again = engine(tiny_checkpoint, "int8(steps=2,batch=2)")
+    assert any("calibration loaded from" in line for line in again.ctx.report)
+    torch.testing.assert_close(eps_of(again), eps_of(eng), rtol=0, atol=0)  # same ranges, same kernel
+    changed = engine(tiny_checkpoint, "int8(steps=3,batch=2)")
+    assert any("calibrated (settings changed)" in line for line in changed.ctx.report)
+
+
+@needs_extension
+@pytest.mark.parametrize("spec, bound", [("int8", 0.05), ("int8(method=minmax)", 0.05), ("fused_norm,int8", 0.05),
+                                         ("int8(keep_float=none)", 0.15)])  # the first and last convs matter most
+def test_int8_stays_close_to_fp32(tiny_checkpoint, spec, bound):
+    ref = eps_of(engine(tiny_checkpoint))
+    eng = engine(tiny_checkpoint, spec)
+    assert 0 < rel_err(eps_of(eng), ref) < bound
+    if "keep_float=none" in spec:
+        assert type(eng.model.conv_in).__name__ == "Int8Conv2d"
+
+
+@needs_extension
+def test_int8_refuses_a_calibration_of_other_weights(tmp_path, tiny_checkpoint):
+    from ddpm_perf.errors import UserError
+    from ddpm_perf.model.checkpoint import load_checkpoint, save_checkpoint
+
+    engine(tiny_checkpoint, "int8(steps=1,batch=1)")
+    other = load_checkpoint(tiny_checkpoint)
+    weights = {k: v + 0.01 if k.endswith("conv1.weight") else v for k, v in other.weights.items()}
+    other_path = save_checkpoint(tmp_path / "other.safetensors", other.model_config, other.schedule_config, weights)
+    with pytest.raises(UserError, match="calibrated for other weights.*recalibrate=true"):
+        engine(other_path, f"int8(steps=1,batch=1,calibration={calibration_file(tiny_checkpoint)})")
+    calibration_file(tiny_checkpoint).write_text("not json")
+    with pytest.raises(UserError, match="is not a calibration file"):
+        engine(tiny_checkpoint, "int8(steps=1,batch=1)")
+    assert engine(tiny_checkpoint, "int8(steps=1,batch=1,recalibrate=true)")  # the way out it names
+
+
+@needs_extension
+def test_int8_composes_with_compile_and_amp(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    ref = eps_of(engine(tiny_checkpoint, "fused_norm,int8(steps=2,batch=2)"))
+    out = eps_of(engine(tiny_checkpoint, "fused_norm,int8(steps=2,batch=2),compile(fullgraph=true)"))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+    mixed = eps_of(engine(tiny_checkpoint, "fused_norm,int8(steps=2,batch=2,recalibrate=true),amp(weights=true)"))
+    assert rel_err(mixed, eps_of(engine(tiny_checkpoint))) < 0.06
+
+
+def test_int8_is_for_sampling_only(tmp_path):
+    from ddpm_perf.errors import UserError
+
+    with pytest.raises(UserError, match="sampling only"):
+        trainer(tmp_path, "int8")
+
+
+def test_int8_cli_reports_and_rejects_bad_options(tiny_checkpoint, tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import assert_user_error
+    from ddpm_perf.cli import main
+
+    runner = CliRunner()
+    out = tmp_path / "x.png"
+    assert_user_error(runner.invoke(main, ["sample", "--checkpoint", str(tiny_checkpoint), "--plugins",
+                                           "int8(percentile=20)", "--out", str(out)]), "percentile=20.0")
+    assert not out.exists()
+    if ops.extension_status() == "loaded":
+        result = runner.invoke(main, ["sample", "--checkpoint", str(tiny_checkpoint), "--plugins",
+                                      "int8(steps=1,batch=1)", "-n", "2", "--steps", "2", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "int8: calibrated" in result.output + result.stderr and out.exists()

@@ -20,10 +20,6 @@ namespace {
 
 using at::Tensor;
 
-inline float to_float(float v) { return v; }
-inline float to_float(uint16_t v) { return bf16_to_float(v); }
-inline void store_float(float* p, float v) { *p = v; }
-inline void store_float(uint16_t* p, float v) { *p = float_to_bf16(v); }
 inline float silu(float z) { return z / (1.f + std::exp(-z)); }
 
 struct Affine {  // per-channel fp32 parameters, any of them may be null

@@ -44,6 +44,11 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return bf16_to_float(v); }
+inline void store_float(float* p, float v) { *p = v; }
+inline void store_float(uint16_t* p, float v) { *p = float_to_bf16(v); }
+
 // Loads/stores of 16 lanes (the first `n` of them), from/to fp32 or bf16 (uint16_t) memory.
 DDPM_AVX512 inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1u);

@@ -230,7 +230,8 @@ class UNet(nn.Module):
     def embed_time(self, t: Tensor, batch: int) -> Tensor:
         if t.ndim == 0:
             t = t.expand(batch)
-        return self.time_embed(timestep_embedding(t, self.config.ch).to(self.conv_in.weight.dtype))
+        # in the dtype of the embedding weights (bf16 under amp(weights=true))
+        return self.time_embed(timestep_embedding(t, self.config.ch).to(self.time_embed[0].weight.dtype))
 
     def forward(self, x: Tensor, t: Tensor, plan: StepPlan | None = None) -> Tensor:
         """Predict the noise eps(x, t). ``t`` is a scalar or a (B,) tensor of timesteps."""

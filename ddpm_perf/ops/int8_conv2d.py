@@ -21,11 +21,17 @@ def _out_size(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
 
 
+def packed_numel(shape, device: torch.device) -> int:
+    """Size of the packed weight: CPU [O/16][KH*KW][I/4][16][4], CUDA [O][KH][KW][I/4][4] (I rounded up to 4)."""
+    o, i, kh, kw = shape
+    i4 = -(-i // 4) * 4
+    return (-(-o // 16) * 16 if device.type == "cpu" else o) * kh * kw * i4
+
+
 def _register() -> None:
     @torch.library.register_fake("ddpm_perf::int8_pack_weight")
     def _(weight):
-        # The packed layout's size is backend-specific: an unbacked size for the tracer.
-        return weight.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.int8)
+        return weight.new_empty((packed_numel(weight.shape, weight.device),), dtype=torch.int8)
 
     @torch.library.register_fake("ddpm_perf::int8_conv2d")
     def _(x, packed_weight, weight_colsum, weight_scale, bias, x_scale, x_zero_point, kernel_size, stride, padding):

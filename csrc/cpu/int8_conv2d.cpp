@@ -1,0 +1,279 @@
+// CPU kernels of int8_conv2d: uint8 activations x int8 weights -> int32 -> dequantised output.
+//
+// 1. x is quantised once into a zero-point-padded NHWC uint8 buffer (channels rounded up to 4).
+// 2. An implicit GEMM: M = output pixels, N = output channels, K = taps x channels. No im2col: a
+//    tile of MR pixels keeps one base pointer per pixel and walks the taps by offset.
+// 3. AVX-512 VNNI micro-kernel: MR x (16 NB) int32 accumulators; per group of 4 channels it loads
+//    NB 64-byte weight vectors (16 outputs x 4 channels, packed once by int8_pack_weight) and,
+//    per pixel, broadcasts 4 activation bytes into NB vpdpbusd.
+// 4. The epilogue subtracts zero_point * colsum, scales by x_scale * w_scale[o], adds the bias and
+//    stores fp32 or bf16 channels_last. A portable C++ path covers CPUs without AVX-512 VNNI.
+#include <ATen/Parallel.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <utility>
+#include <cmath>
+#include <vector>
+
+#include "simd.h"
+
+namespace ddpm_perf::cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr int kMR = 6;  // pixels per tile
+constexpr int kNB = 4;  // 16-channel output blocks per tile: 6 x 4 = 24 zmm accumulators
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// ---- weight packing: OIHW int8 -> [O/16][KH*KW][Cp/4][16 outputs][4 channels] ----
+
+Tensor int8_pack_weight_cpu(const Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 4 && weight.scalar_type() == at::kChar,
+              "int8_pack_weight: weight must be int8 (O, I, KH, KW), got ", weight.scalar_type(), " ", weight.sizes());
+  const int64_t O = weight.size(0), I = weight.size(1), taps = weight.size(2) * weight.size(3);
+  const int64_t Ob = (O + 15) / 16, Cp = round_up(I, 4);
+  Tensor packed = at::zeros({Ob * taps * Cp * 16}, weight.options());
+  const Tensor w = weight.contiguous();
+  const int8_t* src = w.data_ptr<int8_t>();
+  int8_t* dst = packed.data_ptr<int8_t>();
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t i = 0; i < I; ++i)
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t k4 = t * (Cp / 4) + i / 4;
+        dst[((o / 16) * taps * (Cp / 4) + k4) * 64 + (o % 16) * 4 + i % 4] = src[(o * I + i) * taps + t];
+      }
+  return packed;
+}
+
+// ---- quantisation: x (N, C, H, W) channels_last -> uint8 [N][H + 2ph][W + 2pw][Cp] ----
+
+template <typename T>
+void quantize_row_scalar(const T* x, uint8_t* q, int64_t C, float inv_scale, int zp) {
+  for (int64_t c = 0; c < C; ++c) {
+    const float v = std::nearbyint(to_float(x[c]) * inv_scale) + zp;
+    q[c] = static_cast<uint8_t>(std::min(255.f, std::max(0.f, v)));
+  }
+}
+
+template <typename T>
+DDPM_AVX512 void quantize_row_avx512(const T* x, uint8_t* q, int64_t C, float inv_scale, int zp) {
+  const __m512 vs = _mm512_set1_ps(inv_scale);
+  const __m512i vz = _mm512_set1_epi32(zp), zero = _mm512_setzero_si512();
+  for (int64_t c = 0; c < C; c += 16) {
+    const __mmask16 m = tail_mask(C - c);
+    __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load16(x + c, m), vs)), vz);  // round to even
+    _mm_mask_storeu_epi8(q + c, m, _mm512_cvtusepi32_epi8(_mm512_max_epi32(v, zero)));  // clamp to [0, 255]
+  }
+}
+
+// ---- micro-kernels: acc[MR][NB*16] += A[MR pixels][K] . B[K][NB*16] ----
+
+struct Tile {
+  const uint8_t* pixel[kMR];  // base of each pixel's top-left tap in the padded input
+  const int64_t* tap_offset;  // byte offset of each tap from the pixel base
+  int64_t taps, k4;           // k4 = Cp / 4 channel groups per tap
+  const int8_t* weight;       // packed weight of the first output block of this tile
+  int64_t block_stride;       // bytes between consecutive output blocks in the packed weight
+};
+
+template <int MR, int NB>
+DDPM_AVX512_VNNI void gemm_tile_vnni(const Tile& t, int32_t* out /* [MR][NB*16] */) {
+  __m512i acc[MR][NB];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+  const int8_t* w = t.weight;
+  for (int64_t tap = 0; tap < t.taps; ++tap) {
+    const uint8_t* a[MR];
+    for (int i = 0; i < MR; ++i) a[i] = t.pixel[i] + t.tap_offset[tap];
+    for (int64_t k = 0; k < t.k4; ++k, w += 64) {
+      __m512i b[NB];
+      for (int j = 0; j < NB; ++j) b[j] = _mm512_loadu_si512(w + j * t.block_stride);
+      for (int i = 0; i < MR; ++i) {
+        int32_t four;
+        std::memcpy(&four, a[i] + 4 * k, 4);
+        const __m512i av = _mm512_set1_epi32(four);
+        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av, b[j]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NB; ++j) _mm512_storeu_si512(out + i * kNB * 16 + j * 16, acc[i][j]);
+}
+
+void gemm_tile_scalar(const Tile& t, int mr, int nb, int32_t* out) {
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nb * 16; ++j) {
+      int32_t s = 0;
+      const int8_t* w = t.weight + (j / 16) * t.block_stride + (j % 16) * 4;
+      for (int64_t tap = 0; tap < t.taps; ++tap) {
+        const uint8_t* a = t.pixel[i] + t.tap_offset[tap];
+        for (int64_t k = 0; k < t.k4; ++k)
+          for (int l = 0; l < 4; ++l) s += int32_t(a[4 * k + l]) * int32_t(w[(tap * t.k4 + k) * 64 + l]);
+      }
+      out[i * kNB * 16 + j] = s;
+    }
+}
+
+using TileFn = void (*)(const Tile&, int32_t*);
+
+template <int MR, int... NB>
+constexpr std::array<TileFn, sizeof...(NB)> row_of_kernels(std::integer_sequence<int, NB...>) {
+  return {&gemm_tile_vnni<MR, NB + 1>...};
+}
+template <int... MR>
+constexpr std::array<std::array<TileFn, kNB>, sizeof...(MR)> table_of_kernels(std::integer_sequence<int, MR...>) {
+  return {row_of_kernels<MR + 1>(std::make_integer_sequence<int, kNB>{})...};
+}
+const auto kVnniKernels = table_of_kernels(std::make_integer_sequence<int, kMR>{});  // [MR-1][NB-1]
+
+// ---- epilogue: int32 -> (acc - zp * colsum[o]) * scale[o] + bias[o] -> fp32/bf16 ----
+
+struct Epilogue {
+  const int32_t* colsum;
+  const float* scale;  // x_scale * w_scale[o]
+  const float* bias;   // may be null
+  int zp;
+};
+
+template <typename T>
+void epilogue_row_scalar(const int32_t* acc, int64_t o0, int64_t count, T* y, const Epilogue& e) {
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t o = o0 + j;
+    store_float(y + j, float(acc[j] - e.zp * e.colsum[o]) * e.scale[o] + (e.bias ? e.bias[o] : 0.f));
+  }
+}
+
+template <typename T>
+DDPM_AVX512 void epilogue_row_avx512(const int32_t* acc, int64_t o0, int64_t count, T* y, const Epilogue& e) {
+  const __m512i vz = _mm512_set1_epi32(e.zp);
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 m = tail_mask(count - j);
+    const int64_t o = o0 + j;
+    const __m512i corrected =
+        _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, acc + j), _mm512_mullo_epi32(vz, _mm512_maskz_loadu_epi32(m, e.colsum + o)));
+    const __m512 b = e.bias ? _mm512_maskz_loadu_ps(m, e.bias + o) : _mm512_setzero_ps();
+    store16(y + j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(corrected), _mm512_maskz_loadu_ps(m, e.scale + o), b), m);
+  }
+}
+
+// ---- op ----
+
+template <typename T>
+void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue& e, float inv_scale,
+               int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, Tensor& out) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cp = round_up(C, 4), Hp = H + 2 * PH, Wp = W + 2 * PW;
+  const int64_t OH = out.size(2), OW = out.size(3), M = N * OH * OW, taps = KH * KW, Ob = (O + 15) / 16;
+  const bool vnni = cpu_has_avx512_vnni(), simd = cpu_has_avx512();
+
+  // 1. quantise into the zero-point-padded NHWC buffer
+  std::vector<uint8_t> q(N * Hp * Wp * Cp, static_cast<uint8_t>(e.zp));
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  at::parallel_for(0, N * H, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / H, h = r % H;
+      for (int64_t w = 0; w < W; ++w) {
+        const T* src = xp + ((n * H + h) * W + w) * C;
+        uint8_t* dst = q.data() + ((n * Hp + h + PH) * Wp + w + PW) * Cp;
+        if (simd)
+          quantize_row_avx512(src, dst, C, inv_scale, e.zp);
+        else
+          quantize_row_scalar(src, dst, C, inv_scale, e.zp);
+      }
+    }
+  });
+
+  // 2-4. tiles of kMR output pixels x up to kNB output blocks
+  std::vector<int64_t> tap_offset(taps);
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t kw = 0; kw < KW; ++kw) tap_offset[kh * KW + kw] = (kh * Wp + kw) * Cp;
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const int64_t block_stride = taps * Cp * 16;
+  T* yp = reinterpret_cast<T*>(out.data_ptr());
+  const int64_t tiles = (M + kMR - 1) / kMR;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t acc[kMR * kNB * 16];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t m0 = tile * kMR;
+      const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+      Tile t{{}, tap_offset.data(), taps, Cp / 4, nullptr, block_stride};
+      for (int i = 0; i < kMR; ++i) {
+        const int64_t m = m0 + std::min(i, mr - 1), n = m / (OH * OW), oh = m / OW % OH, ow = m % OW;
+        t.pixel[i] = q.data() + ((n * Hp + oh * SH) * Wp + ow * SW) * Cp;
+      }
+      for (int64_t ob = 0; ob < Ob; ob += kNB) {
+        const int nb = static_cast<int>(std::min<int64_t>(kNB, Ob - ob));
+        t.weight = wp + ob * block_stride;
+        if (vnni)
+          kVnniKernels[mr - 1][nb - 1](t, acc);
+        else
+          gemm_tile_scalar(t, mr, nb, acc);
+        const int64_t o0 = ob * 16, count = std::min<int64_t>(nb * 16, O - o0);
+        for (int i = 0; i < mr; ++i) {
+          T* y = yp + (m0 + i) * O + o0;
+          if (simd)
+            epilogue_row_avx512(acc + i * kNB * 16, o0, count, y, e);
+          else
+            epilogue_row_scalar(acc + i * kNB * 16, o0, count, y, e);
+        }
+      }
+    }
+  });
+}
+
+Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& colsum, const Tensor& w_scale,
+                       const c10::optional<Tensor>& bias, double x_scale, int64_t x_zero_point,
+                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+  TORCH_CHECK(x_in.dim() == 4, "int8_conv2d: x must be (N, C, H, W), got ", x_in.sizes());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
+              "int8_conv2d on CPU supports float32 and bfloat16 input, got ", x_in.scalar_type());
+  TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 1,
+              "int8_conv2d: packed_weight must come from int8_pack_weight");
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2,
+              "int8_conv2d: kernel_size, stride and padding take two values each");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 && padding[1] >= 0 && kernel_size[0] > 0 &&
+                  kernel_size[1] > 0, "int8_conv2d: invalid kernel_size/stride/padding");
+  TORCH_CHECK(x_scale > 0 && std::isfinite(x_scale), "int8_conv2d: x_scale must be positive, got ", x_scale);
+  TORCH_CHECK(x_zero_point >= 0 && x_zero_point <= 255, "int8_conv2d: x_zero_point must be in [0, 255], got ",
+              x_zero_point);
+  const int64_t O = w_scale.numel(), taps = kernel_size[0] * kernel_size[1], Cp = round_up(x_in.size(1), 4);
+  TORCH_CHECK(O > 0 && packed.numel() == (O + 15) / 16 * taps * Cp * 16,
+              "int8_conv2d: packed_weight does not match ", O, " outputs, ", x_in.size(1), " input channels and a ",
+              kernel_size[0], "x", kernel_size[1], " kernel");
+  TORCH_CHECK(colsum.numel() == O && colsum.scalar_type() == at::kInt, "int8_conv2d: weight_colsum must be int32 (",
+              O, ",)");
+  const int64_t H = x_in.size(2) + 2 * padding[0], W = x_in.size(3) + 2 * padding[1];
+  TORCH_CHECK(H >= kernel_size[0] && W >= kernel_size[1], "int8_conv2d: input smaller than the kernel");
+  const int64_t OH = (H - kernel_size[0]) / stride[0] + 1, OW = (W - kernel_size[1]) / stride[1] + 1;
+
+  const Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
+  Tensor out = at::empty({x.size(0), O, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const Tensor scale = (w_scale.to(at::kDouble) * x_scale).to(at::kFloat).contiguous();
+  const Tensor cs = colsum.contiguous();
+  const Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : Tensor();
+  TORCH_CHECK(!b.defined() || b.numel() == O, "int8_conv2d: bias must be (", O, ",)");
+  const Epilogue e{cs.data_ptr<int32_t>(), scale.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+                   static_cast<int>(x_zero_point)};
+  const float inv_scale = static_cast<float>(1.0 / x_scale);
+  if (x.scalar_type() == at::kFloat)
+    conv_impl<float>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0],
+                     padding[1], out);
+  else
+    conv_impl<uint16_t>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], stride[0], stride[1],
+                        padding[0], padding[1], out);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddpm_perf, CPU, m) {
+  m.impl("int8_pack_weight", &int8_pack_weight_cpu);
+  m.impl("int8_conv2d", &int8_conv2d_cpu);
+}
+
+}  // namespace ddpm_perf::cpu

@@ -1,0 +1,217 @@
+"""int8: convolutions as ``ddpm_perf::int8_conv2d`` (int8 weights, uint8 activations, int32 sums).
+
+Weights: symmetric int8 per output channel, packed once for the kernel. Activations: one static
+affine uint8 range per layer, calibrated over a short DDIM trajectory that covers the timestep
+range (min/max or a percentile of each layer's input). The calibration is saved next to the
+checkpoint (``<checkpoint>.int8.json``) and reused; it records a fingerprint of the weights, and
+a file made for other weights is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddpm_perf import ops
+from ddpm_perf.diffusion.samplers import make_sampler
+from ddpm_perf.errors import UserError
+from ddpm_perf.hooks import hookimpl
+from ddpm_perf.io import atomic_path
+from ddpm_perf.model.unet import StepPlan
+from ddpm_perf.ops.reference import quantize_weight
+from ddpm_perf.plugins import Option, Phase, Plugin
+
+FORMAT = "ddpm-perf-int8/1"
+MAX_OBSERVED = 1 << 20  # elements per call a percentile is taken over (a random subset beyond that)
+
+
+class Int8Conv2d(nn.Module):
+    """A Conv2d with int8 weights; ``observe`` records input ranges, ``quantize`` fixes them."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if conv.groups != 1 or conv.dilation != (1, 1) or not isinstance(conv.padding, tuple):
+            raise ValueError("int8: only dense, undilated convolutions with numeric padding")
+        self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
+        self.float_weight = conv.weight.detach()  # kept until calibration ends, for the observe pass
+        self.register_buffer("float_bias", None if conv.bias is None else conv.bias.detach().float(), persistent=False)
+        weight_q, scale = quantize_weight(conv.weight)
+        self.register_buffer("packed_weight", ops.int8_pack_weight(weight_q), persistent=False)
+        self.register_buffer("weight_colsum", weight_q.flatten(1).sum(1, dtype=torch.int32), persistent=False)
+        self.register_buffer("weight_scale", scale, persistent=False)
+        self.x_scale: float | None = None
+        self.x_zero_point = 0
+        self.observing: str | None = None  # None, "minmax" or a percentile as text
+        self.lo, self.hi = float("inf"), float("-inf")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing is not None or self.x_scale is None:
+            if self.observing is None:
+                raise RuntimeError("int8: layer used before calibration")
+            self._observe(x)
+            return F.conv2d(x, self.float_weight.to(x.dtype), None if self.float_bias is None
+                            else self.float_bias.to(x.dtype), self.stride, self.padding)
+        return ops.int8_conv2d(x, self.packed_weight, self.weight_colsum, self.weight_scale, self.float_bias,
+                               self.x_scale, self.x_zero_point, self.kernel_size, self.stride, self.padding)
+
+    def _observe(self, x: Tensor) -> None:
+        flat = x.detach().float().flatten()
+        if self.observing == "minmax":
+            lo, hi = flat.min().item(), flat.max().item()
+        else:
+            if flat.numel() > MAX_OBSERVED:
+                flat = flat[torch.randint(flat.numel(), (MAX_OBSERVED,), generator=torch.Generator().manual_seed(0))]
+            q = float(self.observing) / 100
+            lo, hi = torch.quantile(flat, torch.tensor([1 - q, q])).tolist()
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+
+    def set_range(self, lo: float, hi: float) -> None:
+        """Affine uint8 covering [lo, hi] and zero (padding must be exact)."""
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        self.x_scale = max(hi - lo, 1e-8) / 255
+        self.x_zero_point = int(min(255, max(0, round(-lo / self.x_scale))))
+        self.observing, self.float_weight = None, None
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight_scale.numel()}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, x_scale={self.x_scale}, x_zero_point={self.x_zero_point}")
+
+
+def fingerprint(convs: dict[str, nn.Conv2d]) -> str:
+    h = hashlib.sha256()
+    for name, conv in convs.items():
+        h.update(name.encode())
+        for t in (conv.weight, conv.bias):
+            if t is not None:
+                h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Int8(Plugin):
+    name = "int8"
+    description = "int8 convolutions (VNNI on CPU, dp4a on CUDA) with activation ranges calibrated and saved."
+    phase = Phase.REWRITE
+    ops = ("int8_conv2d",)
+    options = {
+        "method": Option(str, "percentile", "activation range: min/max or a percentile of each layer's input",
+                         choices=("minmax", "percentile")),
+        "percentile": Option(float, 99.99, "percentile for method=percentile"),
+        "keep_float": Option(str, "first_last", "convolutions left in float", choices=("first_last", "none")),
+        "steps": Option(int, 8, "DDIM steps of the calibration trajectory (spread over the timestep range)"),
+        "batch": Option(int, 8, "images in the calibration trajectory"),
+        "calibration": Option(str, "", "calibration file (default: <checkpoint>.int8.json)"),
+        "recalibrate": Option(bool, False, "calibrate again and overwrite the file"),
+    }
+
+    @hookimpl
+    def configure(self, ctx):
+        if ctx.mode != "sample":
+            raise UserError("plugin int8: sampling only (the int8 kernel has no backward); drop it from train")
+        if not 50 < self.opts.percentile <= 100:
+            raise UserError(f"plugin int8: percentile={self.opts.percentile} must be in (50, 100]")
+        if self.opts.steps < 1 or self.opts.batch < 1:
+            raise UserError("plugin int8: steps and batch must be positive")
+
+    @hookimpl
+    def transform_model(self, model: nn.Module, ctx):
+        convs = {name: m for name, m in model.named_modules() if type(m) is nn.Conv2d}
+        skipped = {"conv_in", "conv_out"} if self.opts.keep_float == "first_last" else set()
+        self.fingerprint = fingerprint(convs)
+        self.layers: dict[str, Int8Conv2d] = {}
+        for name, conv in convs.items():
+            if name in skipped:
+                continue
+            parent, _, child = name.rpartition(".")
+            layer = Int8Conv2d(conv)
+            setattr(model.get_submodule(parent), child, layer)
+            self.layers[name] = layer
+        self.model = model  # calibrated eagerly, before any later wrapper (compile) sees it
+        ctx.report.append(f"int8: {len(self.layers)} of {len(convs)} convolutions in int8, kernel "
+                          f"{ops.backends(ctx.device.type)['int8_conv2d']}")
+        return model
+
+    # -- calibration --
+
+    def _settings(self) -> dict:
+        o = self.opts
+        return {"method": o.method, "percentile": o.percentile if o.method == "percentile" else None,
+                "steps": o.steps, "batch": o.batch}
+
+    def _path(self, ctx) -> Path | None:
+        if self.opts.calibration:
+            return Path(self.opts.calibration)
+        return Path(ctx.checkpoint + ".int8.json") if ctx.checkpoint else None
+
+    @hookimpl
+    def calibrate(self, engine, ctx):
+        path = self._path(ctx)
+        saved = None if self.opts.recalibrate or path is None or not path.exists() else self._load(path)
+        if saved is not None and saved["settings"] == self._settings():
+            ranges = saved["layers"]
+            ctx.report.append(f"int8: calibration loaded from {path}")
+        else:
+            ranges = self._observe(engine, ctx)
+            why = "settings changed" if saved is not None else "none saved" if not self.opts.recalibrate else "asked"
+            if path is not None:
+                self._save(path, ranges, ctx)
+            ctx.report.append(f"int8: calibrated ({why}) over {self.opts.steps} DDIM steps x {self.opts.batch} images"
+                              + (f", saved to {path}" if path is not None else " (in-memory checkpoint: not saved)"))
+        missing = sorted(set(self.layers) - set(ranges))
+        if missing:
+            raise UserError(f"plugin int8: calibration {path} has no range for {missing[0]}; "
+                            "recalibrate with int8(recalibrate=true)")
+        for name, layer in self.layers.items():
+            layer.set_range(*ranges[name])
+
+    def _load(self, path: Path) -> dict:
+        try:
+            saved = json.loads(path.read_text())
+            fmt, print_ = saved["format"], saved["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"plugin int8: {path} is not a calibration file ({e}); delete it or pass "
+                            "int8(recalibrate=true)") from None
+        if fmt != FORMAT:
+            raise UserError(f"plugin int8: {path} has format {fmt!r}, expected {FORMAT!r}; "
+                            "recalibrate with int8(recalibrate=true)")
+        if print_ != self.fingerprint:
+            raise UserError(f"plugin int8: {path} was calibrated for other weights (fingerprint {print_}, this "
+                            f"checkpoint {self.fingerprint}); recalibrate with int8(recalibrate=true) or pass "
+                            "int8(calibration=<file>)")
+        return saved
+
+    def _save(self, path: Path, ranges: dict, ctx) -> None:
+        data = {"format": FORMAT, "fingerprint": self.fingerprint, "checkpoint": ctx.checkpoint,
+                "settings": self._settings(), "layers": ranges}
+        try:
+            with atomic_path(path) as tmp:
+                tmp.write_text(json.dumps(data, indent=1))
+        except OSError as e:
+            ctx.report.append(f"int8: could not save the calibration to {path} ({e.strerror}); "
+                              "pass int8(calibration=<writable file>) to keep it")
+
+    @torch.inference_mode()
+    def _observe(self, engine, ctx) -> dict[str, list[float]]:
+        """Run a DDIM trajectory from noise with every layer recording its input range."""
+        mode = "minmax" if self.opts.method == "minmax" else str(self.opts.percentile)
+        for layer in self.layers.values():
+            layer.observing, layer.lo, layer.hi = mode, float("inf"), float("-inf")
+        sampler = make_sampler("ddim", ctx.diffusion, self.opts.steps)
+        g = torch.Generator().manual_seed(12345)  # fixed: the same calibration every time
+        x = torch.randn((self.opts.batch, *ctx.image_shape), generator=g).to(ctx.device)
+        # in the precision the model will run in: amp(weights=true) has left bf16 weights behind
+        low = {p.dtype for p in self.model.parameters()} & {torch.bfloat16, torch.float16}
+        autocast = torch.autocast(ctx.device.type, dtype=low.pop(), enabled=True) if low else torch.autocast(
+            ctx.device.type, enabled=False)
+        sampler.reset()
+        with autocast:
+            for i, t in enumerate(sampler.timesteps):
+                t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+                eps = self.model(x, t_batch, StepPlan()).float()
+                x = sampler.step(i, eps, x, None)
+        return {name: [layer.lo, layer.hi] for name, layer in self.layers.items()}

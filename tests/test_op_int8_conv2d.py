@@ -1,0 +1,109 @@
+"""ddpm_perf::int8_conv2d (AVX-512 VNNI and portable CPU kernels) against the PyTorch reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from ddpm_perf import ops
+from ddpm_perf.ops import reference
+
+pytestmark = pytest.mark.skipif(ops.extension_status() != "loaded", reason=f"ddpm_perf._C: {ops.extension_status()}")
+
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-5, rtol=1.6e-2)}
+
+
+def quantized(o, c, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.randn(o, c, k, k, generator=g)
+    wq, scale = reference.quantize_weight(weight)
+    return weight, wq, scale, torch.randn(o, generator=g), wq.flatten(1).sum(1).int()
+
+
+def run(x, wq, scale, bias, colsum, x_scale, zp, k, stride, pad):
+    packed = torch.ops.ddpm_perf.int8_pack_weight(wq)
+    return torch.ops.ddpm_perf.int8_conv2d(x, packed, colsum, scale, bias, x_scale, zp, [k, k], [stride, stride],
+                                           [pad, pad])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), c=st.integers(1, 21), o=st.integers(1, 70), hw=st.tuples(st.integers(1, 11), st.integers(1, 11)),
+       k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), channels_last=st.booleans(), with_bias=st.booleans(),
+       zp=st.sampled_from([0, 3, 128, 255]))
+def test_matches_reference(n, c, o, hw, k, stride, pad, dtype, channels_last, with_bias, zp):
+    """Odd channel counts (not multiples of 4 or 16), output tails, 1x1 and 3x3, stride 2, batch 1."""
+    h, w = hw
+    if h + 2 * pad < k or w + 2 * pad < k:
+        return
+    _, wq, scale, bias, colsum = quantized(o, c, k)
+    x = torch.randn(n, c, h, w).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bias = bias if with_bias else None
+    y = run(x, wq, scale, bias, colsum, 0.02, zp, k, stride, pad)
+    y_ref = reference.int8_conv2d(x, wq, scale, bias, 0.02, zp, (stride, stride), (pad, pad))
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+
+
+def test_cifar10_shape_is_close_to_the_float_conv():
+    """At a real layer's shape the int8 result stays within ~2% of the fp32 convolution."""
+    weight, wq, scale, bias, colsum = quantized(128, 128, 3)
+    x = F.silu(torch.randn(8, 128, 32, 32)).contiguous(memory_format=torch.channels_last)
+    lo, hi = x.min().item(), x.max().item()
+    x_scale, zp = (hi - lo) / 255, round(-lo / ((hi - lo) / 255))
+    y = run(x, wq, scale, bias, colsum, x_scale, zp, 3, 1, 1)
+    torch.testing.assert_close(y, reference.int8_conv2d(x, wq, scale, bias, x_scale, zp, (1, 1), (1, 1)),
+                               atol=1e-4, rtol=1e-5)
+    y_float = F.conv2d(x, weight, bias, 1, 1)
+    assert ((y - y_float).norm() / y_float.norm()).item() < 0.02
+
+
+def test_saturates_outside_the_calibrated_range():
+    _, wq, scale, bias, colsum = quantized(16, 8, 1)
+    x = torch.randn(2, 8, 4, 4) * 100  # far outside [-(zp) * s, (255 - zp) * s]
+    y = run(x, wq, scale, bias, colsum, 0.01, 128, 1, 1, 0)
+    torch.testing.assert_close(y, reference.int8_conv2d(x, wq, scale, bias, 0.01, 128, (1, 1), (0, 0)))
+
+
+def test_opcheck():
+    _, wq, scale, bias, colsum = quantized(20, 6, 3)
+    packed = torch.ops.ddpm_perf.int8_pack_weight(wq)
+    torch.library.opcheck(torch.ops.ddpm_perf.int8_pack_weight.default, (wq,))
+    for x in (torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(torch.ops.ddpm_perf.int8_conv2d.default,
+                              (x, packed, colsum, scale, bias, 0.05, 100, [3, 3], [1, 1], [1, 1]))
+
+
+def test_compile_fullgraph_traces_the_op():
+    _, wq, scale, bias, colsum = quantized(20, 6, 3)
+    packed = ops.int8_pack_weight(wq)
+
+    def f(x):
+        return ops.int8_conv2d(x, packed, colsum, scale, bias, 0.05, 100, (3, 3), (1, 1), (1, 1)).relu()
+
+    x = torch.randn(2, 6, 8, 8)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(x=torch.randn(2, 8, 6, 6).half()), "float32 and bfloat16"),
+    (dict(x=torch.randn(2, 12, 6, 6)), "packed_weight does not match"),
+    (dict(x=torch.randn(8, 6, 6)), "must be \\(N, C, H, W\\)"),
+    (dict(x_scale=0.0), "x_scale must be positive"),
+    (dict(zp=300), "x_zero_point must be in"),
+    (dict(colsum=torch.zeros(16, dtype=torch.int64)), "weight_colsum must be int32"),
+    (dict(x=torch.randn(1, 8, 1, 1), pad=0), "input smaller than the kernel"),
+])
+def test_bad_input_is_a_clear_error(change, message):
+    _, wq, scale, bias, colsum = quantized(16, 8, 3)
+    args = dict(x=torch.randn(2, 8, 6, 6), colsum=colsum, x_scale=0.1, zp=10, pad=1)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        run(args["x"], wq, scale, bias, args["colsum"], args["x_scale"], args["zp"], 3, 1, args["pad"])
+
+
+def test_pack_rejects_float_weights():
+    with pytest.raises(RuntimeError, match="weight must be int8"):
+        torch.ops.ddpm_perf.int8_pack_weight(torch.randn(4, 4, 3, 3))
