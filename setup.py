@@ -26,6 +26,7 @@ PLUGINS = {
     "early_exit": "ddpm_perf_plugins.early_exit:EarlyExit",
     "fused_norm": "ddpm_perf_plugins.fused_norm:FusedNorm",
     "int8": "ddpm_perf_plugins.int8:Int8",
+    "fused_attention": "ddpm_perf_plugins.fused_attention:FusedAttention",
 }
 
 

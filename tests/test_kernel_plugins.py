@@ -144,3 +144,20 @@ def test_int8_cli_reports_and_rejects_bad_options(tiny_checkpoint, tmp_path):
                                       "int8(steps=1,batch=1)", "-n", "2", "--steps", "2", "--out", str(out)])
         assert result.exit_code == 0, result.output
         assert "int8: calibrated" in result.output + result.stderr and out.exists()
+
+
+# ---- fused_attention ----
+
+@pytest.mark.parametrize("spec", ["fused_attention", "fused_attention,channels_last", "fused_norm,fused_attention"])
+def test_fused_attention_matches_fp32(tiny_checkpoint, spec):
+    eng = engine(tiny_checkpoint, spec)
+    assert any(type(m).__name__ == "FusedAttnBlock" for m in eng.model.modules())
+    assert rel_err(eps_of(eng), eps_of(engine(tiny_checkpoint))) < 1e-5
+
+
+def test_fused_attention_training_matches_fp32(tmp_path):
+    ref_loss, ref_grads = grads_after_one_step(trainer(tmp_path, ""))
+    loss, grads = grads_after_one_step(trainer(tmp_path, "fused_attention"))
+    assert abs(loss - ref_loss) < 1e-5 * ref_loss
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
