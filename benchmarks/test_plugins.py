@@ -32,7 +32,11 @@ from ddpm_perf.model.unet import StepPlan
 from ddpm_perf.plugins import PluginHost
 
 SPECS = ("", "channels_last", "amp", "amp(weights=true)", "channels_last,amp", "compile",
-         "channels_last,amp,compile")
+         "channels_last,amp,compile",
+         # the kernel plugins (issue: fused_norm,int8 >= 3x eager fp32), alone and stacked
+         "fused_norm", "fused_attention", "int8", "fused_norm,int8", "fused_norm,fused_attention,int8",
+         "channels_last,fused_norm,fused_attention,int8", "fused_norm,int8,amp(weights=true)",
+         "fused_norm,fused_attention,int8,compile")
 
 
 def spec_id(spec: str) -> str:
@@ -45,9 +49,10 @@ def spec_params(specs) -> list:
 
 
 def compute_dtype(host: PluginHost) -> str:
-    """The dtype the convolutions and matmuls run in: amp's autocast dtype, else float32."""
+    """The dtype the convolutions and matmuls run in: int8 convs with int8, amp's autocast dtype, else float32."""
     amp = next((p for p in host.plugins if p.name == "amp"), None)
-    return amp.opts.dtype if amp is not None else "float32"
+    dtype = amp.opts.dtype if amp is not None else "float32"
+    return f"int8 convs, {dtype} elsewhere" if any(p.name == "int8" for p in host.plugins) else dtype
 
 
 def make_engine(checkpoint, bench, spec: str) -> SamplingEngine:
