@@ -45,12 +45,12 @@ def extension_build():
 
     debug = os.environ.get("DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp", f'-DDDPM_PERF_TORCH_VERSION="{torch.__version__}"']
+    cxx += ["-fopenmp", f'-DDDPM_PERF_TORCH_VERSION="{torch.__version__}"']
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     use_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("DDPM_PERF_NO_CUDA") != "1"
     if use_cuda:
         ext = CUDAExtension("ddpm_perf._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
-                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+                            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
                             extra_link_args=["-fopenmp"])
     else:
         ext = CppExtension("ddpm_perf._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])

@@ -20,9 +20,12 @@ class FusedAttnBlock(AttnBlock):
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         b, c, height, width = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C): contiguous when x is channels_last
-        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
-        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        q, k, v = F.linear(tokens, weight, bias).chunk(3, dim=-1)
+        if all(type(m) is nn.Linear for m in (self.q, self.k, self.v)):
+            weight = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+            bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+            q, k, v = F.linear(tokens, weight, bias).chunk(3, dim=-1)
+        else:  # projections replaced by another plugin (int8): call them as they are
+            q, k, v = self.q(tokens), self.k(tokens), self.v(tokens)
         out = self.proj_out(ops.attention(q, k, v))
         return x + out.transpose(1, 2).reshape(b, c, height, width)
 

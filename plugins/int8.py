@@ -23,7 +23,7 @@ from ddpm_perf.diffusion.samplers import make_sampler
 from ddpm_perf.errors import UserError
 from ddpm_perf.hooks import hookimpl
 from ddpm_perf.io import atomic_path
-from ddpm_perf.model.unet import StepPlan
+from ddpm_perf.model.unet import AttnBlock, StepPlan
 from ddpm_perf.ops.reference import quantize_weight
 from ddpm_perf.plugins import Option, Phase, Plugin
 
@@ -32,16 +32,19 @@ MAX_OBSERVED = 1 << 20  # elements per call a percentile is taken over (a random
 
 
 class Int8Conv2d(nn.Module):
-    """A Conv2d with int8 weights; ``observe`` records input ranges, ``quantize`` fixes them."""
+    """A Conv2d with int8 weights; ``observe`` records input ranges, ``set_range`` fixes them."""
 
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         if conv.groups != 1 or conv.dilation != (1, 1) or not isinstance(conv.padding, tuple):
             raise ValueError("int8: only dense, undilated convolutions with numeric padding")
         self.kernel_size, self.stride, self.padding = conv.kernel_size, conv.stride, conv.padding
-        self.float_weight = conv.weight.detach()  # kept until calibration ends, for the observe pass
-        self.register_buffer("float_bias", None if conv.bias is None else conv.bias.detach().float(), persistent=False)
-        weight_q, scale = quantize_weight(conv.weight)
+        self._quantize_weight(conv.weight, conv.bias)
+
+    def _quantize_weight(self, weight: Tensor, bias: Tensor | None) -> None:
+        self.float_weight = weight.detach()  # kept until calibration ends, for the observe pass
+        self.register_buffer("float_bias", None if bias is None else bias.detach().float(), persistent=False)
+        weight_q, scale = quantize_weight(weight if weight.dim() == 4 else weight[:, :, None, None])
         self.register_buffer("packed_weight", ops.int8_pack_weight(weight_q), persistent=False)
         self.register_buffer("weight_colsum", weight_q.flatten(1).sum(1, dtype=torch.int32), persistent=False)
         self.register_buffer("weight_scale", scale, persistent=False)
@@ -50,15 +53,21 @@ class Int8Conv2d(nn.Module):
         self.observing: str | None = None  # None, "minmax" or a percentile as text
         self.lo, self.hi = float("inf"), float("-inf")
 
+    def _float(self, x: Tensor) -> Tensor:
+        bias = None if self.float_bias is None else self.float_bias.to(x.dtype)
+        return F.conv2d(x, self.float_weight.to(x.dtype), bias, self.stride, self.padding)
+
+    def _int8(self, x: Tensor) -> Tensor:
+        return ops.int8_conv2d(x, self.packed_weight, self.weight_colsum, self.weight_scale, self.float_bias,
+                               self.x_scale, self.x_zero_point, self.kernel_size, self.stride, self.padding)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.observing is not None or self.x_scale is None:
+        if self.x_scale is None:
             if self.observing is None:
                 raise RuntimeError("int8: layer used before calibration")
             self._observe(x)
-            return F.conv2d(x, self.float_weight.to(x.dtype), None if self.float_bias is None
-                            else self.float_bias.to(x.dtype), self.stride, self.padding)
-        return ops.int8_conv2d(x, self.packed_weight, self.weight_colsum, self.weight_scale, self.float_bias,
-                               self.x_scale, self.x_zero_point, self.kernel_size, self.stride, self.padding)
+            return self._float(x)
+        return self._int8(x)
 
     def _observe(self, x: Tensor) -> None:
         flat = x.detach().float().flatten()
@@ -83,7 +92,26 @@ class Int8Conv2d(nn.Module):
                 f"padding={self.padding}, x_scale={self.x_scale}, x_zero_point={self.x_zero_point}")
 
 
-def fingerprint(convs: dict[str, nn.Conv2d]) -> str:
+class Int8Linear(Int8Conv2d):
+    """A Linear with int8 weights: the int8 convolution with a 1x1 kernel over the tokens,
+    each token a 1x1 image (so any (..., features) input works, contiguous in both layouts)."""
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)
+        self.kernel_size, self.stride, self.padding = (1, 1), (1, 1), (0, 0)
+        self._quantize_weight(linear.weight, linear.bias)
+
+    def _float(self, x: Tensor) -> Tensor:
+        bias = None if self.float_bias is None else self.float_bias.to(x.dtype)
+        return F.linear(x, self.float_weight.to(x.dtype), bias)
+
+    def _int8(self, x: Tensor) -> Tensor:
+        lead, features = x.shape[:-1], x.shape[-1]
+        pixels = x.reshape(-1, features, 1, 1)
+        return super()._int8(pixels).reshape(*lead, -1)
+
+
+def fingerprint(convs: dict[str, nn.Module]) -> str:
     h = hashlib.sha256()
     for name, conv in convs.items():
         h.update(name.encode())
@@ -103,6 +131,7 @@ class Int8(Plugin):
                          choices=("minmax", "percentile")),
         "percentile": Option(float, 99.99, "percentile for method=percentile"),
         "keep_float": Option(str, "first_last", "convolutions left in float", choices=("first_last", "none")),
+        "attention": Option(bool, True, "also the attention blocks' q/k/v/out projections"),
         "steps": Option(int, 8, "DDIM steps of the calibration trajectory (spread over the timestep range)"),
         "batch": Option(int, 8, "images in the calibration trajectory"),
         "calibration": Option(str, "", "calibration file (default: <checkpoint>.int8.json)"),
@@ -120,20 +149,26 @@ class Int8(Plugin):
 
     @hookimpl
     def transform_model(self, model: nn.Module, ctx):
-        convs = {name: m for name, m in model.named_modules() if type(m) is nn.Conv2d}
+        layers = {name: m for name, m in model.named_modules() if type(m) is nn.Conv2d}
+        projections = {name: m for name, m in model.named_modules()
+                       if type(m) is nn.Linear and isinstance(model.get_submodule(name.rpartition(".")[0]), AttnBlock)}
+        self.fingerprint = fingerprint({**layers, **projections})  # whatever the options: the weights
         skipped = {"conv_in", "conv_out"} if self.opts.keep_float == "first_last" else set()
-        self.fingerprint = fingerprint(convs)
+        if self.opts.attention:
+            layers.update(projections)
         self.layers: dict[str, Int8Conv2d] = {}
-        for name, conv in convs.items():
+        for name, module in layers.items():
             if name in skipped:
                 continue
             parent, _, child = name.rpartition(".")
-            layer = Int8Conv2d(conv)
+            layer = Int8Conv2d(module) if isinstance(module, nn.Conv2d) else Int8Linear(module)
             setattr(model.get_submodule(parent), child, layer)
             self.layers[name] = layer
         self.model = model  # calibrated eagerly, before any later wrapper (compile) sees it
-        ctx.report.append(f"int8: {len(self.layers)} of {len(convs)} convolutions in int8, kernel "
-                          f"{ops.backends(ctx.device.type)['int8_conv2d']}")
+        convs = sum(isinstance(m, nn.Conv2d) for m in layers.values())
+        ctx.report.append(f"int8: {sum(type(m) is Int8Conv2d for m in self.layers.values())} of {convs} "
+                          f"convolutions and {sum(type(m) is Int8Linear for m in self.layers.values())} attention "
+                          f"projections in int8, kernel {ops.backends(ctx.device.type)['int8_conv2d']}")
         return model
 
     # -- calibration --
@@ -141,7 +176,7 @@ class Int8(Plugin):
     def _settings(self) -> dict:
         o = self.opts
         return {"method": o.method, "percentile": o.percentile if o.method == "percentile" else None,
-                "steps": o.steps, "batch": o.batch}
+                "steps": o.steps, "batch": o.batch, "keep_float": o.keep_float, "attention": o.attention}
 
     def _path(self, ctx) -> Path | None:
         if self.opts.calibration:

@@ -33,10 +33,10 @@ def test_fused_norm_composes_with_amp(tiny_checkpoint):
 
 
 @needs_extension
-def test_fused_norm_compiles_fullgraph_without_recompiles(tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+def test_fused_norm_compiles_fullgraph_without_recompiles(tiny_checkpoint):
     torch._dynamo.reset()
-    out = engine(tiny_checkpoint, "fused_norm,compile(fullgraph=true)", steps=3).sample(4)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = engine(tiny_checkpoint, "fused_norm,compile(fullgraph=true)", steps=3).sample(4)
     torch.testing.assert_close(out, engine(tiny_checkpoint, steps=3).sample(4), rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
 
@@ -110,11 +110,11 @@ def test_int8_refuses_a_calibration_of_other_weights(tmp_path, tiny_checkpoint):
 
 
 @needs_extension
-def test_int8_composes_with_compile_and_amp(tiny_checkpoint, monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+def test_int8_composes_with_compile_and_amp(tiny_checkpoint):
     torch._dynamo.reset()
     ref = eps_of(engine(tiny_checkpoint, "fused_norm,int8(steps=2,batch=2)"))
-    out = eps_of(engine(tiny_checkpoint, "fused_norm,int8(steps=2,batch=2),compile(fullgraph=true)"))
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = eps_of(engine(tiny_checkpoint, "fused_norm,int8(steps=2,batch=2),compile(fullgraph=true)"))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch._dynamo.reset()
     mixed = eps_of(engine(tiny_checkpoint, "fused_norm,int8(steps=2,batch=2,recalibrate=true),amp(weights=true)"))
@@ -161,3 +161,16 @@ def test_fused_attention_training_matches_fp32(tmp_path):
     assert abs(loss - ref_loss) < 1e-5 * ref_loss
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@needs_extension
+def test_int8_attention_projections(tiny_checkpoint):
+    """The attention blocks' q/k/v/out projections run the int8 op too (attention=true, the
+    default), also under fused_attention; attention=false leaves them in float."""
+    ref = eps_of(engine(tiny_checkpoint))
+    for spec in ("int8(steps=2,batch=2,recalibrate=true)", "fused_attention,int8(steps=2,batch=2,recalibrate=true)"):
+        eng = engine(tiny_checkpoint, spec)
+        assert type(eng.model.blocks["mid_attn"].q).__name__ == "Int8Linear"
+        assert rel_err(eps_of(eng), ref) < 0.05
+    eng = engine(tiny_checkpoint, "int8(steps=2,batch=2,attention=false,recalibrate=true)")
+    assert type(eng.model.blocks["mid_attn"].q) is torch.nn.Linear

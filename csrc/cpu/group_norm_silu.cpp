@@ -369,10 +369,9 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(
   else
     backward_impl<uint16_t>(dy, x, dx, w, b, s, mean_f.data_ptr<float>(), rstd_f.data_ptr<float>(), groups, silu,
                             dw_part.data_ptr<double>(), db_part.data_ptr<double>());
-  const auto param_dtype = weight.has_value() && weight->defined() ? weight->scalar_type() : at::kFloat;
-  Tensor dw = w.defined() ? dw_part.sum(0).to(param_dtype) : at::empty({0}, x.options().dtype(param_dtype));
-  Tensor db = (bias.has_value() && bias->defined()) ? db_part.sum(0).to(bias->scalar_type())
-                                                    : at::empty({0}, x.options().dtype(param_dtype));
+  // Without weight (bias) the gradient is an empty tensor in x's dtype, as the CUDA kernel returns.
+  Tensor dw = w.defined() ? dw_part.sum(0).to(weight->scalar_type()) : at::empty({0}, x.options());
+  Tensor db = (bias.has_value() && bias->defined()) ? db_part.sum(0).to(bias->scalar_type()) : at::empty({0}, x.options());
   return {dx, dw, db};
 }
 

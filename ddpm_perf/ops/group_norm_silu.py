@@ -25,9 +25,9 @@ def _register() -> None:
 
     @torch.library.register_fake("ddpm_perf::group_norm_silu_backward")
     def _(grad_y, x, weight, bias, shift, mean, rstd, groups, silu):
-        dtype = weight.dtype if weight is not None else torch.float32
-        dw = x.new_empty((x.shape[1],) if weight is not None else (0,), dtype=dtype)
-        db = x.new_empty((x.shape[1],) if bias is not None else (0,), dtype=bias.dtype if bias is not None else dtype)
+        # without weight (bias): an empty gradient in x's dtype
+        dw = x.new_empty((x.shape[1],), dtype=weight.dtype) if weight is not None else x.new_empty((0,))
+        db = x.new_empty((x.shape[1],), dtype=bias.dtype) if bias is not None else x.new_empty((0,))
         return torch.empty_like(x, memory_format=torch.preserve_format), dw, db
 
     def setup_context(ctx, inputs, output):
