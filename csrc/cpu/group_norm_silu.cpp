@@ -1,16 +1,20 @@
 // CPU kernels of group_norm_silu: y = [silu](group_norm(x + shift) * weight + bias).
 //
-// Forward: per (sample, group) for NCHW, per (sample, pixel chunk) for channels_last, in parallel
-// with at::parallel_for. Statistics are fp32 lane sums of (x - pivot), combined in fp64 (the
-// pivot, an element of the same channel, keeps E[x^2] - E[x]^2 from cancelling). The input is read
-// twice (statistics, then output); a (sample, group) slice is small enough that the second read
-// comes from cache. AVX-512 where the CPU has it (checked at run time), portable C++ otherwise.
+// Forward: per (sample, group) for NCHW, per (sample, block of groups) for channels_last, in
+// parallel with at::parallel_for. Statistics are fp32 lane sums of (x - pivot), combined in fp64
+// (the pivot, an element of the same channel, keeps E[x^2] - E[x]^2 from cancelling). Each task
+// reads its slice twice (statistics, then output), the second time from cache. AVX-512 where the
+// CPU has it (checked at run time), with AVX512_BF16 conversions for bf16 output where it has
+// those, portable C++ otherwise.
 // Backward: portable C++, parallel over (sample, group).
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "simd.h"
@@ -46,43 +50,64 @@ void combine(const double* s1, const double* s2, const float* pivot, int64_t cha
   *rstd = float(1.0 / std::sqrt(std::max(m2 / cnt, 0.0) + eps));
 }
 
-// ---- NCHW: one (sample, group) slice, cpg channels of hw contiguous elements ----
+// ---- SiLU for the AVX-512 paths ----
+// z * sigmoid(z), sigmoid(z) = 1 / (1 + 2^t) with t = -z log2(e) = n + f, n an integer, |f| <= 1/2:
+// 2^f by a polynomial fitted for least maximum relative error on [-1/2, 1/2], 2^n by scalef, the
+// reciprocal by rcp14 (relative error < 2^-14). Precise, for fp32 outputs: degree 5 (relative
+// error 1.7e-7) and one Newton step on the reciprocal, 16 instructions (silu16: 20). Otherwise, for
+// bf16 outputs whose rounding error is 2^-9: degree 3 (1.0e-4) and no Newton step, 12.
+template <bool Precise>
+DDPM_AVX512 inline __m512 silu16_fast(__m512 z) {
+  const __m512 c = _mm512_set1_ps(-1.44269504088896341f), lim = _mm512_set1_ps(80.f);
+  // z clamped to [-80, 80] (vrangeps: the smaller magnitude, z's sign) keeps f = t - n within
+  // [-1/2, 1/2] and 1 + 2^t finite; silu is z beyond 80 and 0 (to fp32's resolution) below -80,
+  // where the result is zeroed. NaN stays NaN.
+  const __m512 zc = _mm512_range_ps(z, lim, 0b0110);
+  const __mmask16 keep = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-80.f), _CMP_NLT_UQ);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(zc, c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_fmsub_ps(zc, c, n);  // zc * c - n with zc * c unrounded
+  __m512 p;
+  if constexpr (Precise) {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(1.326472731e-03f), f, _mm512_set1_ps(9.671512991e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402224243e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-01f));
+  } else {
+    p = _mm512_fmadd_ps(_mm512_set1_ps(5.500892922e-02f), f, _mm512_set1_ps(2.422109693e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.932829022e-01f));
+  }
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
+  __m512 r = _mm512_rcp14_ps(d);
+  if constexpr (Precise) r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // r (2 - d r)
+  return _mm512_maskz_mul_ps(keep, z, r);
+}
 
+// ---- statistics ----
+
+// NCHW, one (sample, group) slice of cpg channels of hw contiguous elements: per-channel sums of
+// v = x + shift - pivot[c], the pivot being the channel's first x + shift.
 template <typename T>
-void nchw_group_scalar(const T* x, T* y, int64_t cpg, int64_t hw, Affine a, float eps, bool act, float* mean,
-                       float* rstd) {
-  std::vector<double> s1(cpg), s2(cpg);
-  std::vector<float> pivot(cpg);
+void nchw_sums_scalar(const T* x, int64_t cpg, int64_t hw, Affine a, double* s1, double* s2, float* pivot) {
   for (int64_t c = 0; c < cpg; ++c) {
     const T* xc = x + c * hw;
     pivot[c] = to_float(xc[0]) + a.s(c);
-    float acc1 = 0, acc2 = 0;
-    for (int64_t i = 0; i < hw; ++i) {
-      const float v = to_float(xc[i]) + a.s(c) - pivot[c];
-      acc1 += v;
-      acc2 += v * v;
-    }
-    s1[c] = acc1, s2[c] = acc2;
-  }
-  combine(s1.data(), s2.data(), pivot.data(), cpg, hw, eps, mean, rstd);
-  for (int64_t c = 0; c < cpg; ++c) {
-    // (x - mean) * scale + b, not x * scale + (b - mean * scale): the latter loses digits
-    // when the variance is tiny and rstd large.
-    const float scale = *rstd * a.w(c), center = a.s(c) - *mean, offset = a.b(c);
-    const T* xc = x + c * hw;
-    T* yc = y + c * hw;
-    for (int64_t i = 0; i < hw; ++i) {
-      const float z = (to_float(xc[i]) + center) * scale + offset;
-      store_float(yc + i, act ? silu(z) : z);
+    s1[c] = s2[c] = 0;
+    for (int64_t i0 = 0; i0 < hw; i0 += 256) {  // fp32 partial sums of 256 elements, fp64 totals
+      float acc1 = 0, acc2 = 0;
+      for (int64_t i = i0; i < std::min(hw, i0 + 256); ++i) {
+        const float v = to_float(xc[i]) + a.s(c) - pivot[c];
+        acc1 += v;
+        acc2 += v * v;
+      }
+      s1[c] += acc1, s2[c] += acc2;
     }
   }
 }
 
 template <typename T>
-DDPM_AVX512 void nchw_group_avx512(const T* x, T* y, int64_t cpg, int64_t hw, Affine a, float eps, bool act,
-                                   float* mean, float* rstd) {
-  std::vector<double> s1(cpg), s2(cpg);
-  std::vector<float> pivot(cpg);
+DDPM_AVX512 void nchw_sums_avx512(const T* x, int64_t cpg, int64_t hw, Affine a, double* s1, double* s2,
+                                  float* pivot) {
   for (int64_t c = 0; c < cpg; ++c) {
     const T* xc = x + c * hw;
     pivot[c] = to_float(xc[0]) + a.s(c);
@@ -90,8 +115,8 @@ DDPM_AVX512 void nchw_group_avx512(const T* x, T* y, int64_t cpg, int64_t hw, Af
     __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), b1 = a1, b2 = a1;
     int64_t i = 0;
     for (; i + 32 <= hw; i += 32) {  // two independent chains hide the add latency
-      const __m512 u = _mm512_add_ps(load16(xc + i, 0xffff), off);
-      const __m512 v = _mm512_add_ps(load16(xc + i + 16, 0xffff), off);
+      const __m512 u = _mm512_add_ps(loadu16(xc + i), off);
+      const __m512 v = _mm512_add_ps(loadu16(xc + i + 16), off);
       a1 = _mm512_add_ps(a1, u), a2 = _mm512_fmadd_ps(u, u, a2);
       b1 = _mm512_add_ps(b1, v), b2 = _mm512_fmadd_ps(v, v, b2);
     }
@@ -103,72 +128,168 @@ DDPM_AVX512 void nchw_group_avx512(const T* x, T* y, int64_t cpg, int64_t hw, Af
     s1[c] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
     s2[c] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
   }
-  combine(s1.data(), s2.data(), pivot.data(), cpg, hw, eps, mean, rstd);
-  for (int64_t c = 0; c < cpg; ++c) {
-    const __m512 vs = _mm512_set1_ps(*rstd * a.w(c)), vc = _mm512_set1_ps(a.s(c) - *mean),
-                 vo = _mm512_set1_ps(a.b(c));
-    const T* xc = x + c * hw;
-    T* yc = y + c * hw;
-    for (int64_t i = 0; i < hw; i += 16) {
-      const __mmask16 m = tail_mask(hw - i);
-      __m512 z = _mm512_fmadd_ps(_mm512_add_ps(load16(xc + i, m), vc), vs, vo);
-      store16(yc + i, act ? silu16(z) : z, m);
-    }
-  }
 }
 
-// ---- channels_last: pixels [p0, p1) of one sample, C contiguous channels per pixel ----
-
-// Per-channel sums of v = x - pivot[c] (the shift cancels in x + shift - (x0 + shift)).
+// channels_last, a block of cb channels of one sample (x: its first channel at pixel 0, pixel
+// stride C): per-channel sums of v = x - pivot[c] over the HW pixels (the shift cancels in
+// (x + shift) - (pivot + shift)). Accumulated in s1, s2 (zeroed by the caller).
 template <typename T>
-void nhwc_sums_scalar(const T* x, int64_t C, int64_t p0, int64_t p1, const float* x0, double* s1, double* s2) {
-  for (int64_t c = 0; c < C; ++c) {
-    float acc1 = 0, acc2 = 0;
+void pixels_sums_scalar(const T* x, int64_t C, int64_t HW, int64_t cb, const float* pivot, double* s1,
+                        double* s2) {
+  for (int64_t p = 0; p < HW; ++p)
+    for (int64_t c = 0; c < cb; ++c) {
+      const float v = to_float(x[p * C + c]) - pivot[c];
+      s1[c] += v, s2[c] += double(v) * v;
+    }
+}
+
+// NV vectors of 16 channels (the last one `last` lanes wide) held in registers over all pixels,
+// in fp32 partial sums of kFlush pixels added to the fp64 totals.
+template <typename T, int NV>
+DDPM_AVX512 void pixels_sums_block_avx512(const T* x, int64_t C, int64_t HW, int64_t last, const float* pivot,
+                                          double* s1, double* s2) {
+  constexpr int64_t kFlush = 256;
+  const __mmask16 mlast = tail_mask(last);
+  __m512 pv[NV];
+#pragma GCC unroll 8
+  for (int j = 0; j < NV; ++j) pv[j] = _mm512_maskz_loadu_ps(j == NV - 1 ? mlast : __mmask16(0xffff), pivot + 16 * j);
+  for (int64_t p0 = 0; p0 < HW; p0 += kFlush) {
+    const int64_t p1 = std::min(HW, p0 + kFlush);
+    __m512 a1[NV], a2[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) a1[j] = a2[j] = _mm512_setzero_ps();
     for (int64_t p = p0; p < p1; ++p) {
-      const float v = to_float(x[p * C + c]) - x0[c];
-      acc1 += v, acc2 += v * v;
+      const T* xp = x + p * C;
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) {
+        const __m512 u =
+            _mm512_sub_ps(j == NV - 1 ? load16(xp + 16 * j, mlast) : loadu16(xp + 16 * j), pv[j]);
+        a1[j] = _mm512_add_ps(a1[j], u), a2[j] = _mm512_fmadd_ps(u, u, a2[j]);
+      }
     }
-    s1[c] = acc1, s2[c] = acc2;
+    alignas(64) float r1[16], r2[16];
+    for (int j = 0; j < NV; ++j) {
+      _mm512_store_ps(r1, a1[j]), _mm512_store_ps(r2, a2[j]);
+      const int64_t lanes = j == NV - 1 ? last : 16;
+      for (int64_t l = 0; l < lanes; ++l) s1[16 * j + l] += r1[l], s2[16 * j + l] += r2[l];
+    }
   }
 }
 
 template <typename T>
-DDPM_AVX512 void nhwc_sums_avx512(const T* x, int64_t C, int64_t p0, int64_t p1, const float* x0, double* s1,
-                                  double* s2) {
-  alignas(64) float r1[16], r2[16];
-  for (int64_t c = 0; c < C; c += 16) {
-    const __mmask16 m = tail_mask(C - c);
-    const __m512 piv = _mm512_maskz_loadu_ps(m, x0 + c);
-    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
-    for (int64_t p = p0; p < p1; ++p) {
-      const __m512 v = _mm512_sub_ps(load16(x + p * C + c, m), piv);
-      a1 = _mm512_add_ps(a1, v), a2 = _mm512_fmadd_ps(v, v, a2);
+DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t cb, const float* pivot, double* s1,
+                                    double* s2) {
+  for (int64_t c = 0; c < cb; c += 128) {  // up to 8 vectors: 16 accumulators + 8 pivots in registers
+    const int64_t width = std::min<int64_t>(128, cb - c), nv = (width + 15) / 16, last = width - 16 * (nv - 1);
+    const T* xc = x + c;
+    switch (nv) {
+#define GN_CASE(K) \
+  case K: pixels_sums_block_avx512<T, K>(xc, C, HW, last, pivot + c, s1 + c, s2 + c); break;
+      GN_CASE(1) GN_CASE(2) GN_CASE(3) GN_CASE(4) GN_CASE(5) GN_CASE(6) GN_CASE(7) GN_CASE(8)
+#undef GN_CASE
     }
-    _mm512_store_ps(r1, a1), _mm512_store_ps(r2, a2);
-    for (int64_t j = 0; j < 16 && c + j < C; ++j) s1[c + j] = r1[j], s2[c + j] = r2[j];
   }
 }
 
-template <typename T>
-void nhwc_normalize_scalar(const T* x, T* y, int64_t C, int64_t p0, int64_t p1, const float* center,
-                           const float* scale, const float* offset, bool act) {
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t c = 0; c < C; ++c) {
+// ---- output: y = act((x + center) * scale + offset) ----
+// (x - mean) * scale + b rather than x * scale + (b - mean * scale): the latter loses digits when
+// the variance is tiny and rstd large.
+//   row_out: len contiguous elements of one channel (NCHW), scalar parameters;
+//   pixels_out: HW pixels of a block of cb channels (channels_last, pixel stride C), per-channel
+//   parameters.
+
+template <typename T, bool Act>
+void row_out_scalar(const T* x, T* y, int64_t len, float center, float scale, float offset) {
+  for (int64_t i = 0; i < len; ++i) {
+    const float z = (to_float(x[i]) + center) * scale + offset;
+    store_float(y + i, Act ? silu(z) : z);
+  }
+}
+
+template <typename T, bool Act>
+void pixels_out_scalar(const T* x, T* y, int64_t C, int64_t HW, int64_t cb, const float* center,
+                       const float* scale, const float* offset) {
+  for (int64_t p = 0; p < HW; ++p)
+    for (int64_t c = 0; c < cb; ++c) {
       const float z = (to_float(x[p * C + c]) + center[c]) * scale[c] + offset[c];
-      store_float(y + p * C + c, act ? silu(z) : z);
+      store_float(y + p * C + c, Act ? silu(z) : z);
     }
 }
 
+// Stores of 16 (masked) and 32 lanes: fp32, or bf16 by shifts and adds (any AVX-512 CPU) ...
+DDPM_AVX512 inline void out16(float* p, __m512 v, __mmask16 m) { store16(p, v, m); }
+DDPM_AVX512 inline void out16(uint16_t* p, __m512 v, __mmask16 m) { store16(p, v, m); }
+DDPM_AVX512 inline void out32(float* p, __m512 lo, __m512 hi) { _mm512_storeu_ps(p, lo), _mm512_storeu_ps(p + 16, hi); }
+DDPM_AVX512 inline void out32(uint16_t* p, __m512 lo, __m512 hi) { store16(p, lo, 0xffff), store16(p + 16, hi, 0xffff); }
+// ... or bf16 by vcvtneps2bf16 / vcvtne2ps2bf16 (AVX512_BF16).
+DDPM_AVX512_BF16 inline void out16_bf16(uint16_t* p, __m512 v, __mmask16 m) { store16_bf16(p, v, m); }
+DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { store32_bf16(p, lo, hi); }
+
+// The AVX-512 output loops, stamped once per store flavour: a function's target attribute cannot
+// depend on a template parameter, and the AVX512_BF16 stores only inline into functions whose
+// target includes avx512bf16.
+#define GN_OUTPUT_KERNELS(TARGET, SUFFIX, OUT16, OUT32)                                                        \
+  template <typename T, bool Act>                                                                              \
+  TARGET void row_out_##SUFFIX(const T* x, T* y, int64_t len, float center, float scale, float offset) {       \
+    constexpr bool precise = std::is_same_v<T, float>;                                                         \
+    const __m512 vc = _mm512_set1_ps(center), vs = _mm512_set1_ps(scale), vo = _mm512_set1_ps(offset);         \
+    int64_t i = 0;                                                                                             \
+    for (; i + 32 <= len; i += 32) {                                                                           \
+      __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + i), vc), vs, vo);                                  \
+      __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + i + 16), vc), vs, vo);                             \
+      if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                        \
+      OUT32(y + i, z0, z1);                                                                                    \
+    }                                                                                                          \
+    for (; i < len; i += 16) {                                                                                 \
+      const __mmask16 m = tail_mask(len - i);                                                                  \
+      __m512 z = _mm512_fmadd_ps(_mm512_add_ps(load16(x + i, m), vc), vs, vo);                                 \
+      if constexpr (Act) z = silu16_fast<precise>(z);                                                          \
+      OUT16(y + i, z, m);                                                                                      \
+    }                                                                                                          \
+  }                                                                                                            \
+  template <typename T, bool Act>                                                                              \
+  TARGET void pixels_out_##SUFFIX(const T* x, T* y, int64_t C, int64_t HW, int64_t cb, const float* center,    \
+                                  const float* scale, const float* offset) {                                   \
+    constexpr bool precise = std::is_same_v<T, float>;                                                         \
+    for (int64_t p = 0; p < HW; ++p) {                                                                         \
+      const T* xp = x + p * C;                                                                                 \
+      T* yp = y + p * C;                                                                                       \
+      int64_t c = 0;                                                                                           \
+      for (; c + 32 <= cb; c += 32) {                                                                          \
+        __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(xp + c), _mm512_loadu_ps(center + c)),              \
+                                    _mm512_loadu_ps(scale + c), _mm512_loadu_ps(offset + c));                  \
+        __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(xp + c + 16), _mm512_loadu_ps(center + c + 16)),    \
+                                    _mm512_loadu_ps(scale + c + 16), _mm512_loadu_ps(offset + c + 16));        \
+        if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                      \
+        OUT32(yp + c, z0, z1);                                                                                 \
+      }                                                                                                        \
+      for (; c < cb; c += 16) {                                                                                \
+        const __mmask16 m = tail_mask(cb - c);                                                                 \
+        __m512 z = _mm512_fmadd_ps(_mm512_add_ps(load16(xp + c, m), _mm512_maskz_loadu_ps(m, center + c)),     \
+                                   _mm512_maskz_loadu_ps(m, scale + c), _mm512_maskz_loadu_ps(m, offset + c)); \
+        if constexpr (Act) z = silu16_fast<precise>(z);                                                        \
+        OUT16(yp + c, z, m);                                                                                   \
+      }                                                                                                        \
+    }                                                                                                          \
+  }
+
+GN_OUTPUT_KERNELS(DDPM_AVX512, avx512, out16, out32)
+GN_OUTPUT_KERNELS(DDPM_AVX512_BF16, avx512bf16, out16_bf16, out32_bf16)
+#undef GN_OUTPUT_KERNELS
+
 template <typename T>
-DDPM_AVX512 void nhwc_normalize_avx512(const T* x, T* y, int64_t C, int64_t p0, int64_t p1, const float* center,
-                                       const float* scale, const float* offset, bool act) {
-  for (int64_t p = p0; p < p1; ++p)
-    for (int64_t c = 0; c < C; c += 16) {
-      const __mmask16 m = tail_mask(C - c);
-      const __m512 v = _mm512_add_ps(load16(x + p * C + c, m), _mm512_maskz_loadu_ps(m, center + c));
-      __m512 z = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, scale + c), _mm512_maskz_loadu_ps(m, offset + c));
-      store16(y + p * C + c, act ? silu16(z) : z, m);
-    }
+using RowOut = void (*)(const T*, T*, int64_t, float, float, float);
+template <typename T>
+using PixelsOut = void (*)(const T*, T*, int64_t, int64_t, int64_t, const float*, const float*, const float*);
+
+enum class Isa { kScalar, kAvx512, kAvx512Bf16 };
+
+template <typename T, bool Act>
+std::pair<RowOut<T>, PixelsOut<T>> output_kernels(Isa isa) {
+  if constexpr (std::is_same_v<T, uint16_t>)
+    if (isa == Isa::kAvx512Bf16) return {row_out_avx512bf16<T, Act>, pixels_out_avx512bf16<T, Act>};
+  if (isa != Isa::kScalar) return {row_out_avx512<T, Act>, pixels_out_avx512<T, Act>};
+  return {row_out_scalar<T, Act>, pixels_out_scalar<T, Act>};
 }
 
 // ---- op ----
@@ -208,65 +329,73 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
-  const bool simd = cpu_has_avx512();
+  const Isa isa = cpu_has_avx512_bf16() ? Isa::kAvx512Bf16 : cpu_has_avx512() ? Isa::kAvx512 : Isa::kScalar;
+  const bool simd = isa != Isa::kScalar;
+  const auto [row_out, pixels_out] = act ? output_kernels<T, true>(isa) : output_kernels<T, false>(isa);
 
   if (!is_channels_last(x)) {
+    // One task per (sample, group): its cpg * HW contiguous elements are read for the statistics,
+    // then again (from L1/L2) for the output.
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+      std::vector<double> sums(2 * cpg);
+      std::vector<float> pivot(cpg);
+      double *s1 = sums.data(), *s2 = s1 + cpg;
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / G, c0 = (i % G) * cpg, off = (n * C + c0) * HW;
-        Affine a{wp ? wp + c0 : nullptr, bp ? bp + c0 : nullptr, sp ? sp + n * C + c0 : nullptr};
+        const Affine a{wp ? wp + c0 : nullptr, bp ? bp + c0 : nullptr, sp ? sp + n * C + c0 : nullptr};
         if (simd)
-          nchw_group_avx512(xp + off, yp + off, cpg, HW, a, eps, act, mean + i, rstd + i);
+          nchw_sums_avx512(xp + off, cpg, HW, a, s1, s2, pivot.data());
         else
-          nchw_group_scalar(xp + off, yp + off, cpg, HW, a, eps, act, mean + i, rstd + i);
+          nchw_sums_scalar(xp + off, cpg, HW, a, s1, s2, pivot.data());
+        combine(s1, s2, pivot.data(), cpg, HW, eps, mean + i, rstd + i);
+        for (int64_t c = 0; c < cpg; ++c)
+          row_out(xp + off + c * HW, yp + off + c * HW, HW, a.s(c) - mean[i], rstd[i] * a.w(c), a.b(c));
       }
     });
     return;
   }
 
-  // channels_last: pass 1, per-channel sums over pixel chunks; combine per group; pass 2, output.
-  const int64_t chunk = std::max<int64_t>(64, (HW + 7) / 8), chunks = (HW + chunk - 1) / chunk;
-  std::vector<double> s1(N * chunks * C), s2(N * chunks * C);
-  std::vector<float> x0(N * C), center(N * C), scale(N * C), offset(N * C);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) x0[n * C + c] = to_float(xp[n * HW * C + c]);
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / chunks, p0 = (i % chunks) * chunk, p1 = std::min(HW, p0 + chunk);
+  // channels_last: one task per (sample, block of whole groups), cb channels of all HW pixels: the
+  // task reads its slice once for the per-channel sums and again, from L2, for the output. The
+  // fewest blocks that give every thread two tasks and keep a slice within 512 KiB, with block
+  // boundaries on cache lines (the tasks' outputs must not share lines).
+  const int64_t threads = at::get_num_threads(), elt = sizeof(T);
+  int64_t blocks = 1;
+  for (int64_t k = 2; k <= G; ++k) {
+    if (N * blocks >= 2 * threads && HW * (C / blocks) * elt <= (512 << 10)) break;
+    if (G % k) continue;
+    if ((C / k) * elt % 64) break;
+    blocks = k;
+  }
+  const int64_t cb = C / blocks, gpb = G / blocks;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> sums(2 * cb);
+    std::vector<float> params(5 * cb);
+    double *s1 = sums.data(), *s2 = s1 + cb;
+    float *pivot = params.data(), *pivot_s = pivot + cb, *center = pivot_s + cb, *scale = center + cb,
+          *offset = scale + cb;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks, c0 = (t % blocks) * cb;
+      const T* xs = xp + n * HW * C + c0;
+      T* ys = yp + n * HW * C + c0;
+      for (int64_t c = 0; c < cb; ++c) pivot[c] = to_float(xs[c]);
+      std::fill(sums.begin(), sums.end(), 0.0);
       if (simd)
-        nhwc_sums_avx512(xp + n * HW * C, C, p0, p1, &x0[n * C], &s1[i * C], &s2[i * C]);
+        pixels_sums_avx512(xs, C, HW, cb, pivot, s1, s2);
       else
-        nhwc_sums_scalar(xp + n * HW * C, C, p0, p1, &x0[n * C], &s1[i * C], &s2[i * C]);
-    }
-  });
-  std::vector<double> g1(cpg), g2(cpg);
-  std::vector<float> piv(cpg);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t j = 0; j < cpg; ++j) {
-        const int64_t c = g * cpg + j;
-        g1[j] = g2[j] = 0;
-        for (int64_t k = 0; k < chunks; ++k) g1[j] += s1[(n * chunks + k) * C + c], g2[j] += s2[(n * chunks + k) * C + c];
+        pixels_sums_scalar(xs, C, HW, cb, pivot, s1, s2);
+      for (int64_t j = 0; j < gpb; ++j) {
+        const int64_t i = n * G + c0 / cpg + j, cj = j * cpg;
         // sums of x - x0 are sums of (x + shift) - (x0 + shift): the pivot carries the shift
-        piv[j] = x0[n * C + c] + (sp ? sp[n * C + c] : 0.f);
+        for (int64_t c = cj; c < cj + cpg; ++c) pivot_s[c] = pivot[c] + (sp ? sp[n * C + c0 + c] : 0.f);
+        combine(s1 + cj, s2 + cj, pivot_s + cj, cpg, HW, eps, mean + i, rstd + i);
+        for (int64_t c = cj; c < cj + cpg; ++c) {
+          center[c] = (sp ? sp[n * C + c0 + c] : 0.f) - mean[i];
+          scale[c] = rstd[i] * (wp ? wp[c0 + c] : 1.f);
+          offset[c] = bp ? bp[c0 + c] : 0.f;
+        }
       }
-      const int64_t i = n * G + g;
-      combine(g1.data(), g2.data(), piv.data(), cpg, HW, eps, mean + i, rstd + i);
-      for (int64_t j = 0; j < cpg; ++j) {
-        const int64_t c = g * cpg + j;
-        const float sh = sp ? sp[n * C + c] : 0.f, w_ = wp ? wp[c] : 1.f, b_ = bp ? bp[c] : 0.f;
-        center[n * C + c] = sh - mean[i];
-        scale[n * C + c] = rstd[i] * w_;
-        offset[n * C + c] = b_;
-      }
-    }
-  at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t n = i / chunks, p0 = (i % chunks) * chunk, p1 = std::min(HW, p0 + chunk);
-      if (simd)
-        nhwc_normalize_avx512(xp + n * HW * C, yp + n * HW * C, C, p0, p1, &center[n * C], &scale[n * C], &offset[n * C], act);
-      else
-        nhwc_normalize_scalar(xp + n * HW * C, yp + n * HW * C, C, p0, p1, &center[n * C], &scale[n * C], &offset[n * C], act);
+      pixels_out(xs, ys, C, HW, cb, center, scale, offset);
     }
   });
 }

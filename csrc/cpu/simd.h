@@ -96,6 +96,30 @@ DDPM_AVX512 inline __m512 silu16(__m512 z) {
   return _mm512_mul_ps(z, r);
 }
 
+// AVX512_BF16 (vcvtneps2bf16): fp32 -> bf16 in one instruction, rounding to nearest even like
+// float_to_bf16 except that denormal inputs and outputs are flushed to zero. Callers check
+// cpu_has_avx512_bf16() and keep store16 for AVX-512 CPUs without it.
+#define DDPM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+inline bool cpu_has_avx512_bf16() {
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+// The first `n` of 16 lanes to bf16 memory.
+DDPM_AVX512_BF16 inline void store16_bf16(uint16_t* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+// 32 lanes, lo then hi, to bf16 memory in one 64-byte store.
+DDPM_AVX512_BF16 inline void store32_bf16(uint16_t* p, __m512 lo, __m512 hi) {
+  _mm512_storeu_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+}
+// Unmasked 16-lane loads from fp32 or bf16 memory.
+DDPM_AVX512 inline __m512 loadu16(const float* p) { return _mm512_loadu_ps(p); }
+DDPM_AVX512 inline __m512 loadu16(const uint16_t* p) {
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
 inline std::string isa_name() {
   if (cpu_has_avx512_vnni()) return "avx512-vnni";
   if (cpu_has_avx512()) return "avx512";
