@@ -25,8 +25,13 @@ namespace {
 
 using at::Tensor;
 
-constexpr int kMR = 6;  // pixels per tile
-constexpr int kNB = 4;  // 16-channel output blocks per tile: 6 x 4 = 24 zmm accumulators
+#ifndef KMR
+#define KMR 6
+#define KNB 4
+#endif
+constexpr int kMR = KMR;  // pixels per tile
+constexpr int kNB = KNB;  // 16-channel output blocks per tile: 6 x 4 = 24 zmm accumulators
+constexpr int64_t kChunk = 16;  // tiles per task
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -171,19 +176,31 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   const int64_t OH = out.size(2), OW = out.size(3), M = N * OH * OW, taps = KH * KW, Ob = (O + 15) / 16;
   const bool vnni = cpu_has_avx512_vnni(), simd = cpu_has_avx512();
 
-  // 1. quantise into the zero-point-padded NHWC buffer
-  std::vector<uint8_t> q(N * Hp * Wp * Cp, static_cast<uint8_t>(e.zp));
+  // 1. quantise into the zero-point-padded NHWC buffer; only the border is filled with the zero
+  // point (the padded channels meet zero weights, but are set too, so results never depend on
+  // uninitialised memory).
+  Tensor q_buffer = at::empty({N * Hp * Wp * Cp}, x.options().dtype(at::kByte));
+  uint8_t* q = q_buffer.data_ptr<uint8_t>();
+  const uint8_t zp8 = static_cast<uint8_t>(e.zp);
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-  at::parallel_for(0, N * H, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N * Hp, 8, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / H, h = r % H;
+      const int64_t n = r / Hp, hp = r % Hp, h = hp - PH;
+      uint8_t* row = q + r * Wp * Cp;
+      if (h < 0 || h >= H) {
+        std::memset(row, zp8, Wp * Cp);
+        continue;
+      }
+      std::memset(row, zp8, PW * Cp);
+      std::memset(row + (W + PW) * Cp, zp8, PW * Cp);
       for (int64_t w = 0; w < W; ++w) {
         const T* src = xp + ((n * H + h) * W + w) * C;
-        uint8_t* dst = q.data() + ((n * Hp + h + PH) * Wp + w + PW) * Cp;
+        uint8_t* dst = row + (w + PW) * Cp;
         if (simd)
           quantize_row_avx512(src, dst, C, inv_scale, e.zp);
         else
           quantize_row_scalar(src, dst, C, inv_scale, e.zp);
+        if (Cp > C) std::memset(dst + C, zp8, Cp - C);
       }
     }
   });
@@ -196,30 +213,35 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   const int64_t block_stride = taps * Cp * 16;
   T* yp = reinterpret_cast<T*>(out.data_ptr());
   const int64_t tiles = (M + kMR - 1) / kMR;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  // Tiles go in chunks; within a chunk the output-block loop is outside, so one block's packed
+  // weights stay in L1 while the chunk's pixels stream past them.
+  const int64_t chunks = (tiles + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t acc[kMR * kNB * 16];
-    for (int64_t tile = begin; tile < end; ++tile) {
-      const int64_t m0 = tile * kMR;
-      const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
-      Tile t{{}, tap_offset.data(), taps, Cp / 4, nullptr, block_stride};
-      for (int i = 0; i < kMR; ++i) {
-        const int64_t m = m0 + std::min(i, mr - 1), n = m / (OH * OW), oh = m / OW % OH, ow = m % OW;
-        t.pixel[i] = q.data() + ((n * Hp + oh * SH) * Wp + ow * SW) * Cp;
-      }
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t tile_end = std::min(tiles, (chunk + 1) * kChunk);
       for (int64_t ob = 0; ob < Ob; ob += kNB) {
         const int nb = static_cast<int>(std::min<int64_t>(kNB, Ob - ob));
-        t.weight = wp + ob * block_stride;
-        if (vnni)
-          kVnniKernels[mr - 1][nb - 1](t, acc);
-        else
-          gemm_tile_scalar(t, mr, nb, acc);
         const int64_t o0 = ob * 16, count = std::min<int64_t>(nb * 16, O - o0);
-        for (int i = 0; i < mr; ++i) {
-          T* y = yp + (m0 + i) * O + o0;
-          if (simd)
-            epilogue_row_avx512(acc + i * kNB * 16, o0, count, y, e);
+        for (int64_t tile = chunk * kChunk; tile < tile_end; ++tile) {
+          const int64_t m0 = tile * kMR;
+          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+          Tile t{{}, tap_offset.data(), taps, Cp / 4, wp + ob * block_stride, block_stride};
+          for (int i = 0; i < kMR; ++i) {
+            const int64_t m = m0 + std::min(i, mr - 1), n = m / (OH * OW), oh = m / OW % OH, ow = m % OW;
+            t.pixel[i] = q + ((n * Hp + oh * SH) * Wp + ow * SW) * Cp;
+          }
+          if (vnni)
+            kVnniKernels[mr - 1][nb - 1](t, acc);
           else
-            epilogue_row_scalar(acc + i * kNB * 16, o0, count, y, e);
+            gemm_tile_scalar(t, mr, nb, acc);
+          for (int i = 0; i < mr; ++i) {
+            T* y = yp + (m0 + i) * O + o0;
+            if (simd)
+              epilogue_row_avx512(acc + i * kNB * 16, o0, count, y, e);
+            else
+              epilogue_row_scalar(acc + i * kNB * 16, o0, count, y, e);
+          }
         }
       }
     }
