@@ -164,12 +164,22 @@ class Int8(Plugin):
             layer = Int8Conv2d(module) if isinstance(module, nn.Conv2d) else Int8Linear(module)
             setattr(model.get_submodule(parent), child, layer)
             self.layers[name] = layer
+        # The int8 op reads and writes NHWC: keep the whole network NHWC (the float convs' weights
+        # and the input, see wrap_denoiser), or every layer boundary would pay a layout copy.
+        model = model.to(memory_format=torch.channels_last)
         self.model = model  # calibrated eagerly, before any later wrapper (compile) sees it
         convs = sum(isinstance(m, nn.Conv2d) for m in layers.values())
         ctx.report.append(f"int8: {sum(type(m) is Int8Conv2d for m in self.layers.values())} of {convs} "
                           f"convolutions and {sum(type(m) is Int8Linear for m in self.layers.values())} attention "
                           f"projections in int8, kernel {ops.backends(ctx.device.type)['int8_conv2d']}")
         return model
+
+    @hookimpl
+    def wrap_denoiser(self, fn, ctx):
+        def denoise(x, t, plan):
+            return fn(x.contiguous(memory_format=torch.channels_last), t, plan)
+
+        return denoise
 
     # -- calibration --
 
@@ -239,6 +249,7 @@ class Int8(Plugin):
         sampler = make_sampler("ddim", ctx.diffusion, self.opts.steps)
         g = torch.Generator().manual_seed(12345)  # fixed: the same calibration every time
         x = torch.randn((self.opts.batch, *ctx.image_shape), generator=g).to(ctx.device)
+        x = x.contiguous(memory_format=torch.channels_last)
         # in the precision the model will run in: amp(weights=true) has left bf16 weights behind
         low = {p.dtype for p in self.model.parameters()} & {torch.bfloat16, torch.float16}
         autocast = torch.autocast(ctx.device.type, dtype=low.pop(), enabled=True) if low else torch.autocast(
