@@ -115,7 +115,9 @@ def test_int8_composes_with_compile_and_amp(tiny_checkpoint):
     ref = eps_of(engine(tiny_checkpoint, "fused_norm,int8(steps=2,batch=2)"))
     with torch._dynamo.config.patch(error_on_recompile=True):
         out = eps_of(engine(tiny_checkpoint, "fused_norm,int8(steps=2,batch=2),compile(fullgraph=true)"))
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # inductor's float ops round differently in the last bits, and a few activations then land
+    # in the next int8 step: close, not bit-identical
+    assert rel_err(out, ref) < 5e-3
     torch._dynamo.reset()
     mixed = eps_of(engine(tiny_checkpoint, "fused_norm,int8(steps=2,batch=2,recalibrate=true),amp(weights=true)"))
     assert rel_err(mixed, eps_of(engine(tiny_checkpoint))) < 0.06
