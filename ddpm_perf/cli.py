@@ -146,6 +146,35 @@ def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num,
 
 
 @main.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Checkpoint to calibrate (.safetensors); default: the embedded digits model.")
+@click.option("--batch-size", type=int, default=8, show_default=True, callback=positive,
+              help="Batch size the plugins are built for.")
+@device_option
+@click.option("--plugins", default="int8(recalibrate=true)", show_default=True,
+              help="Plugins to build and calibrate, e.g. 'int8(method=minmax)'.")
+def calibrate(checkpoint, batch_size, device, plugins):
+    """Run the plugins' calibration (int8's activation ranges) and save it, without sampling.
+
+    ddpm-perf sample calibrates on first use as well; this does it ahead of time (e.g. when
+    building an image) and shows where the result went."""
+    from .diffusion.samplers import make_sampler
+    from .diffusion.schedule import Diffusion
+    from .engine import SamplingEngine
+    from .model.checkpoint import default_checkpoint, load_checkpoint
+    from .plugins import PluginHost
+
+    host = PluginHost.from_spec(plugins)
+    if not host.has("calibrate"):
+        raise UserError(f"--plugins {plugins!r}: none of these plugins calibrates anything (int8 does)")
+    ckpt = load_checkpoint(checkpoint or default_checkpoint())
+    chosen = make_sampler("ddim", Diffusion(ckpt.schedule_config), DEFAULT_STEPS["ddim"])
+    engine = SamplingEngine(ckpt, chosen, host, resolve_device(device), batch_size)
+    for line in engine.ctx.report:
+        click.echo(line)
+
+
+@main.command()
 @click.option("--config", "config_name", default="digits", show_default=True,
               help="Named model config: digits, cifar10, celeba64, celebahq256.")
 @click.option("--data", "data_name", type=click.Choice(["digits", "cifar10", "folder"]), default="digits",

@@ -176,3 +176,21 @@ def test_int8_attention_projections(tiny_checkpoint):
         assert rel_err(eps_of(eng), ref) < 0.05
     eng = engine(tiny_checkpoint, "int8(steps=2,batch=2,attention=false,recalibrate=true)")
     assert type(eng.model.blocks["mid_attn"].q) is torch.nn.Linear
+
+
+@needs_extension
+def test_calibrate_command(tiny_checkpoint):
+    from click.testing import CliRunner
+
+    from conftest import assert_user_error
+    from ddpm_perf.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["calibrate", "--checkpoint", str(tiny_checkpoint), "--plugins",
+                                  "int8(steps=1,batch=1)"])
+    assert result.exit_code == 0, result.output
+    assert "saved to" in result.output and calibration_file(tiny_checkpoint).exists()
+    result = runner.invoke(main, ["calibrate", "--checkpoint", str(tiny_checkpoint), "--plugins", "int8(steps=1,batch=1)"])
+    assert "calibration loaded from" in result.output  # recalibrate=true is only the default
+    assert_user_error(runner.invoke(main, ["calibrate", "--checkpoint", str(tiny_checkpoint), "--plugins", "amp"]),
+                      "none of these plugins calibrates")
