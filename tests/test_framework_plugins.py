@@ -72,12 +72,13 @@ def test_cuda_graphs_is_unavailable_without_cuda():
         instantiate("cuda_graphs")
 
 
-def test_compile_matches_eager_without_recompiling(tiny_checkpoint, monkeypatch):
+def test_compile_matches_eager_without_recompiling(tiny_checkpoint):
     """Inductor, fullgraph: no graph break in the U-Net or the plan, and one graph for all steps."""
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     torch._dynamo.reset()
-    eng = engine(tiny_checkpoint, "compile(fullgraph=true)", steps=4)
-    out = eng.sample(4)
+    # config.patch, not monkeypatch: monkeypatch's undo removes the key from dynamo's config
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        eng = engine(tiny_checkpoint, "compile(fullgraph=true)", steps=4)
+        out = eng.sample(4)
     torch.testing.assert_close(out, engine(tiny_checkpoint, steps=4).sample(4), rtol=1e-4, atol=1e-4)
     assert any(line.startswith("compile: first step") and "ms/step over 3 steps" in line for line in eng.ctx.report)
     torch._dynamo.reset()

@@ -7,7 +7,8 @@
 //    NB 64-byte weight vectors (16 outputs x 4 channels, packed once by int8_pack_weight) and,
 //    per pixel, broadcasts 4 activation bytes into NB vpdpbusd.
 // 4. The epilogue subtracts zero_point * colsum, scales by x_scale * w_scale[o], adds the bias and
-//    stores fp32 or bf16 channels_last. A portable C++ path covers CPUs without AVX-512 VNNI.
+//    stores fp32 or bf16 channels_last. AVX2 (exact int16 vpmaddwd) and portable C++ paths cover
+//    CPUs without AVX-512 VNNI.
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
@@ -124,6 +125,44 @@ void gemm_tile_scalar(const Tile& t, int mr, int nb, int32_t* out) {
     }
 }
 
+// AVX2 (no VNNI): exact, by widening to int16 and vpmaddwd, 16 outputs x 2 pixels at a time.
+// A 16-byte quarter of a packed 64-byte block holds 4 outputs x 4 channels; widened and multiplied
+// with the pixel's 4 channels repeated, each int32 lane holds the sum of 2 of the 4 products, so
+// the accumulators are folded pairwise at the end. (vpmaddubsw would be 2x faster but saturates.)
+DDPM_AVX2 void gemm_tile_avx2(const Tile& t, int mr, int nb, int32_t* out) {
+  for (int j = 0; j < nb; ++j) {
+    for (int i0 = 0; i0 < mr; i0 += 2) {
+      const int np = std::min(2, mr - i0);
+      __m256i acc[2][4];
+      for (int p = 0; p < 2; ++p)
+        for (int c = 0; c < 4; ++c) acc[p][c] = _mm256_setzero_si256();
+      const int8_t* w = t.weight + j * t.block_stride;
+      for (int64_t tap = 0; tap < t.taps; ++tap) {
+        const uint8_t* a0 = t.pixel[i0] + t.tap_offset[tap];
+        const uint8_t* a1 = t.pixel[i0 + np - 1] + t.tap_offset[tap];
+        for (int64_t k = 0; k < t.k4; ++k, w += 64) {
+          int32_t f0, f1;
+          std::memcpy(&f0, a0 + 4 * k, 4);
+          std::memcpy(&f1, a1 + 4 * k, 4);
+          const __m256i av0 = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(f0)));
+          const __m256i av1 = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(f1)));
+          for (int c = 0; c < 4; ++c) {
+            const __m256i w16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * c)));
+            acc[0][c] = _mm256_add_epi32(acc[0][c], _mm256_madd_epi16(av0, w16));
+            acc[1][c] = _mm256_add_epi32(acc[1][c], _mm256_madd_epi16(av1, w16));
+          }
+        }
+      }
+      alignas(32) int32_t lanes[8];
+      for (int p = 0; p < np; ++p)
+        for (int c = 0; c < 4; ++c) {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc[p][c]);
+          for (int q = 0; q < 4; ++q) out[(i0 + p) * kNB * 16 + j * 16 + 4 * c + q] = lanes[2 * q] + lanes[2 * q + 1];
+        }
+    }
+  }
+}
+
 using TileFn = void (*)(const Tile&, int32_t*);
 
 template <int MR, int... NB>
@@ -174,7 +213,7 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t Cp = round_up(C, 4), Hp = H + 2 * PH, Wp = W + 2 * PW;
   const int64_t OH = out.size(2), OW = out.size(3), M = N * OH * OW, taps = KH * KW, Ob = (O + 15) / 16;
-  const bool vnni = cpu_has_avx512_vnni(), simd = cpu_has_avx512();
+  const bool vnni = cpu_has_avx512_vnni(), avx2 = cpu_has_avx2(), simd = cpu_has_avx512();
 
   // 1. quantise into the zero-point-padded NHWC buffer; only the border is filled with the zero
   // point (the padded channels meet zero weights, but are set too, so results never depend on
@@ -233,6 +272,8 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
           }
           if (vnni)
             kVnniKernels[mr - 1][nb - 1](t, acc);
+          else if (avx2)
+            gemm_tile_avx2(t, mr, nb, acc);
           else
             gemm_tile_scalar(t, mr, nb, acc);
           for (int i = 0; i < mr; ++i) {

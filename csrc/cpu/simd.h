@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 
@@ -16,17 +17,27 @@
 
 namespace ddpm_perf::cpu {
 
+// DDPM_PERF_ISA=avx2|avx512|scalar caps what the kernels use (read once per process): to
+// test the fallbacks on a bigger CPU, or to rule a fast path out when hunting a bug.
+inline int isa_cap() {
+  static const int cap = [] {
+    const char* env = std::getenv("DDPM_PERF_ISA");
+    const std::string v = env ? env : "";
+    return v == "scalar" ? 0 : v == "avx2" ? 1 : v == "avx512" ? 2 : 3;
+  }();
+  return cap;
+}
 inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  static const bool has = isa_cap() >= 2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
   return has;
 }
 inline bool cpu_has_avx512_vnni() {
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+  static const bool has = isa_cap() >= 3 && cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
   return has;
 }
 inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool has = isa_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
 
@@ -102,7 +113,7 @@ DDPM_AVX512 inline __m512 silu16(__m512 z) {
 #define DDPM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 
 inline bool cpu_has_avx512_bf16() {
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  static const bool has = isa_cap() >= 3 && cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return has;
 }
 // The first `n` of 16 lanes to bf16 memory.
