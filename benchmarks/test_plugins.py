@@ -36,7 +36,7 @@ SPECS = ("", "channels_last", "amp", "amp(weights=true)", "channels_last,amp", "
          # the kernel plugins (issue: fused_norm,int8 >= 3x eager fp32), alone and stacked
          "fused_norm", "fused_attention", "int8", "fused_norm,int8", "fused_norm,fused_attention,int8",
          "channels_last,fused_norm,fused_attention,int8", "fused_norm,int8,amp(weights=true)",
-         "fused_norm,fused_attention,int8,compile")
+         "fused_norm,fused_attention,int8,compile", "fused_norm,int8,amp(weights=true),compile")
 
 
 def spec_id(spec: str) -> str:
