@@ -11,15 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .library import triton_kernels
+
 OP = "attention"
-
-
-def _triton():
-    try:
-        import ddpm_perf_triton
-    except ImportError:
-        return None
-    return ddpm_perf_triton if ddpm_perf_triton.available() is None else None
 
 
 @torch.compiler.assume_constant_result  # fixed per process: torch.compile need not trace the choice
@@ -28,7 +22,7 @@ def _backend(device_type: str) -> str:
 
 
 def backend(device: torch.device) -> str:
-    if device.type == "cuda" and _triton() is not None:
+    if device.type == "cuda" and triton_kernels() is not None:
         return "triton"
     return "sdpa (torch's fused attention kernel)"
 
@@ -36,6 +30,6 @@ def backend(device: torch.device) -> str:
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``softmax(q k^T / sqrt(d)) v`` for (B, L, d) tensors."""
     if _backend(q.device.type) == "triton":
-        return _triton().attention(q, k, v)
+        return triton_kernels().attention(q, k, v)
     # As (B, heads=1, L, d): the 4-D form reaches SDPA's fused CPU kernel, 3-D takes the math path.
     return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]

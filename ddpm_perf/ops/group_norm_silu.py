@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .library import has_kernel, load_extension
+from .library import has_kernel, load_extension, triton_kernels
 
 OP = "group_norm_silu"
 
@@ -50,21 +50,13 @@ if load_extension() is None:
     _register()
 
 
-def _triton():
-    try:
-        import ddpm_perf_triton
-    except ImportError:
-        return None
-    return ddpm_perf_triton if ddpm_perf_triton.available() is None else None
-
-
 @torch.compiler.assume_constant_result  # fixed per process: torch.compile need not trace the choice
 def _backend(device_type: str) -> str:
     return backend(torch.device(device_type))
 
 
 def backend(device: torch.device) -> str:
-    if device.type == "cuda" and _triton() is not None:
+    if device.type == "cuda" and triton_kernels() is not None:
         return "triton"
     if has_kernel(OP, device):
         return "cpp" if device.type == "cpu" else "cuda"
@@ -81,7 +73,7 @@ def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, group
     """
     kind = _backend(x.device.type)
     if kind == "triton":
-        return _triton().group_norm_silu(x, weight, bias, shift, groups, eps, silu)
+        return triton_kernels().group_norm_silu(x, weight, bias, shift, groups, eps, silu)
     if kind.startswith("reference"):
         return reference.group_norm_silu(x, weight, bias, shift, groups, eps, silu)[0]
     return torch.ops.ddpm_perf.group_norm_silu(x, weight, bias, shift, groups, eps, silu)[0]

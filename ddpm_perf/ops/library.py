@@ -36,3 +36,13 @@ def has_kernel(op: str, device: torch.device) -> bool:
         return False
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"ddpm_perf::{op}", key)
+
+
+@functools.cache
+def triton_kernels():
+    """The Triton kernels (``ddpm_perf_triton``) when Triton is installed and usable, else None."""
+    try:
+        import ddpm_perf_triton
+    except ImportError:
+        return None
+    return ddpm_perf_triton if ddpm_perf_triton.available() is None else None
