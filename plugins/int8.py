@@ -203,10 +203,10 @@ class Int8(Plugin):
         else:
             ranges = self._observe(engine, ctx)
             why = "settings changed" if saved is not None else "none saved" if not self.opts.recalibrate else "asked"
-            if path is not None:
-                self._save(path, ranges, ctx)
-            ctx.report.append(f"int8: calibrated ({why}) over {self.opts.steps} DDIM steps x {self.opts.batch} images"
-                              + (f", saved to {path}" if path is not None else " (in-memory checkpoint: not saved)"))
+            where = (" (in-memory checkpoint: not saved)" if path is None
+                     else f", saved to {path}" if self._save(path, ranges, ctx) else "")
+            ctx.report.append(f"int8: calibrated ({why}) over {self.opts.steps} DDIM steps x {self.opts.batch} "
+                              f"images{where}")
         missing = sorted(set(self.layers) - set(ranges))
         if missing:
             raise UserError(f"plugin int8: calibration {path} has no range for {missing[0]}; "
@@ -230,15 +230,17 @@ class Int8(Plugin):
                             "int8(calibration=<file>)")
         return saved
 
-    def _save(self, path: Path, ranges: dict, ctx) -> None:
+    def _save(self, path: Path, ranges: dict, ctx) -> bool:
         data = {"format": FORMAT, "fingerprint": self.fingerprint, "checkpoint": ctx.checkpoint,
                 "settings": self._settings(), "layers": ranges}
         try:
             with atomic_path(path) as tmp:
                 tmp.write_text(json.dumps(data, indent=1))
-        except OSError as e:
+        except OSError as e:  # e.g. a checkpoint in a read-only site-packages: run on, say so
             ctx.report.append(f"int8: could not save the calibration to {path} ({e.strerror}); "
                               "pass int8(calibration=<writable file>) to keep it")
+            return False
+        return True
 
     @torch.inference_mode()
     def _observe(self, engine, ctx) -> dict[str, list[float]]:

@@ -194,3 +194,11 @@ def test_calibrate_command(tiny_checkpoint):
     assert "calibration loaded from" in result.output  # recalibrate=true is only the default
     assert_user_error(runner.invoke(main, ["calibrate", "--checkpoint", str(tiny_checkpoint), "--plugins", "amp"]),
                       "none of these plugins calibrates")
+
+
+@needs_extension
+def test_int8_calibration_that_cannot_be_saved_is_said(tiny_checkpoint, tmp_path):
+    eng = engine(tiny_checkpoint, f"int8(steps=1,batch=1,calibration={tmp_path / 'missing' / 'c.json'})")
+    assert any("could not save the calibration" in line for line in eng.ctx.report)
+    assert not any("saved to" in line for line in eng.ctx.report)
+    assert not (tmp_path / "missing").exists()
