@@ -316,11 +316,16 @@ Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& c
 
   const Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
   Tensor out = at::empty({x.size(0), O, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const Tensor scale = (w_scale.to(at::kDouble) * x_scale).to(at::kFloat).contiguous();
+  // x_scale * w_scale[o] in fp64 then rounded, as the reference does; a plain loop, not three
+  // tensor ops: this runs for every layer of every step.
+  TORCH_CHECK(w_scale.scalar_type() == at::kFloat, "int8_conv2d: weight_scale must be float32");
+  const Tensor ws = w_scale.contiguous();
+  std::vector<float> scale(O);
+  for (int64_t o = 0; o < O; ++o) scale[o] = static_cast<float>(double(ws.data_ptr<float>()[o]) * x_scale);
   const Tensor cs = colsum.contiguous();
   const Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : Tensor();
   TORCH_CHECK(!b.defined() || b.numel() == O, "int8_conv2d: bias must be (", O, ",)");
-  const Epilogue e{cs.data_ptr<int32_t>(), scale.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr,
+  const Epilogue e{cs.data_ptr<int32_t>(), scale.data(), b.defined() ? b.data_ptr<float>() : nullptr,
                    static_cast<int>(x_zero_point)};
   const float inv_scale = static_cast<float>(1.0 / x_scale);
   if (x.scalar_type() == at::kFloat)
