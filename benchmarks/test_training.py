@@ -50,7 +50,7 @@ from ddpm_perf.diffusion.schedule import ScheduleConfig
 from ddpm_perf.plugins import PluginHost
 from ddpm_perf.train import DataSpec, TrainConfig, Trainer
 
-SPECS = ("", "amp", "channels_last,amp", "checkpoint")
+SPECS = ("", "amp", "channels_last,amp", "checkpoint", "fused_norm", "fused_norm,amp", "fused_norm,fused_attention,amp")
 RSS_SPECS = ("", "checkpoint")  # the OS-level peak, in a fresh process: the specs that are about memory
 BATCH, SMOKE_BATCH = 16, 8
 # Timed pairs of steps: a cifar10 step at batch 16 takes ~4 s on the 2-core machines, so 5 pairs by

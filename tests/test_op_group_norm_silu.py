@@ -103,3 +103,13 @@ def test_bad_input_is_a_clear_error(args, message):
     call.update(args)
     with pytest.raises(RuntimeError, match=message):
         kernel(call["x"], call["weight"], call["bias"], call["shift"], call["groups"], True)
+
+
+def test_an_extension_built_for_another_torch_is_refused(monkeypatch):
+    """The build records its torch version; a different running torch means: do not use it."""
+    from ddpm_perf.ops import library
+
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    reason = library.load_extension.__wrapped__()  # uncached: the check itself
+    assert reason is not None and "built for torch" in reason and "0.0.1" in reason
+    assert "rebuild" in reason
