@@ -482,34 +482,25 @@ void backward_scalar(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
 // ---- AVX-512 backward ----
 // Per task, two passes over its slice: pass 1 computes dz (stored to an fp32 scratch that stays
 // in cache, so the sigmoid is evaluated once) and the per-channel sums of dz and dz * xhat in fp32
-// lanes, flushed to fp64 every 256 vectors; pass 2 computes dx from x and the stored dz. Both
-// passes walk `count` vectors of 16 lanes, `step` elements apart in x / dy / dx: a channel's row
-// (NCHW: step 16, broadcast parameters) or 16 channels across the pixels (channels_last: step C,
-// per-lane parameters). The scratch is always dense (step 16).
+// lanes, flushed to fp64 every 256 vectors; pass 2 computes dx from x and the stored dz. NCHW
+// walks each channel's row (broadcast parameters); channels_last walks the pixels, 16 channels a
+// vector (per-lane parameters), each pixel's channels of the block as one contiguous run.
 
-// sigmoid(z) for z clamped to [-80, 80]: 1 / (1 + 2^t), t = -z log2(e) = n + f as in silu16_fast.
-// Precise (fp32): degree-5 2^f and a Newton step on rcp14, relative error ~2e-7. Otherwise (bf16
-// gradients): degree 3 and no Newton step, ~1e-4.
-template <bool Precise>
+// sigmoid(z) for z clamped to [-80, 80]: 1 / (1 + 2^t), t = -z log2(e) = n + f as in silu16_fast,
+// degree-5 2^f and a Newton step on rcp14: relative error ~2e-7, for bf16 too (dw and db are fp32
+// sums; the cheaper degree-3 version saved only ~10% of the bf16 backward).
 DDPM_AVX512 inline __m512 sigmoid16_clamped(__m512 zc) {
   const __m512 c = _mm512_set1_ps(-1.44269504088896341f);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(zc, c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_fmsub_ps(zc, c, n);
-  __m512 p;
-  if constexpr (Precise) {
-    p = _mm512_fmadd_ps(_mm512_set1_ps(1.326472731e-03f), f, _mm512_set1_ps(9.671512991e-03f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581e-02f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402224243e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-01f));
-  } else {
-    p = _mm512_fmadd_ps(_mm512_set1_ps(5.500892922e-02f), f, _mm512_set1_ps(2.422109693e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.932829022e-01f));
-  }
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.326472731e-03f), f, _mm512_set1_ps(9.671512991e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402224243e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
   const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
-  __m512 r = _mm512_rcp14_ps(d);
-  if constexpr (Precise) r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
-  return r;
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // r (2 - d r)
 }
 
 struct BwdSums {  // fp64 lane totals of dz and dz * xhat
@@ -523,9 +514,9 @@ DDPM_AVX512 inline void bwd_flush(BwdSums& s, __m512 a1, __m512 a2) {
   s.dzx_hi = _mm512_add_pd(s.dzx_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a2), 1))));
 }
 
-// Pass 1 over `count` vectors (lanes outside `m` are zero). xhat = (x + center) * rs,
+// NCHW pass 1 over `count` vectors `step` elements apart (lanes outside `m` are zero). xhat = (x + center) * rs,
 // z = xhat * w + b, dz = dy * silu'(z) (or dy without the activation), stored to dz_out[16 k].
-template <typename T, bool Act, bool Precise>
+template <typename T, bool Act>
 DDPM_AVX512 void bwd_pass1_avx512(const T* x, const T* dy, int64_t step, int64_t count, __mmask16 m, __m512 center,
                                   __m512 rs, __m512 w, __m512 b, float* dz_out, BwdSums& s) {
   constexpr int64_t kFlush = 256;
@@ -539,7 +530,7 @@ DDPM_AVX512 void bwd_pass1_avx512(const T* x, const T* dy, int64_t step, int64_t
       if constexpr (Act) {
         // zc: z clamped to [-80, 80] keeping its sign (vrangeps); beyond, silu' is 1 or 0 to fp32
         const __m512 zc = _mm512_range_ps(_mm512_fmadd_ps(xhat, w, b), lim, 0b0110);
-        const __m512 sg = sigmoid16_clamped<Precise>(zc);
+        const __m512 sg = sigmoid16_clamped(zc);
         // dy * sg * (1 + z (1 - sg))
         dz = _mm512_mul_ps(_mm512_mul_ps(dz, sg), _mm512_fmadd_ps(zc, _mm512_sub_ps(one, sg), one));
         _mm512_storeu_ps(dz_out + 16 * k, dz);
@@ -551,8 +542,8 @@ DDPM_AVX512 void bwd_pass1_avx512(const T* x, const T* dy, int64_t step, int64_t
   }
 }
 
-// Pass 2: dx = a * dz + (xhat * d + e), xhat = (x + center) * rs, dz from the scratch (step 16) or
-// from dy (step `step`, without the activation).
+// NCHW pass 2: dx = a * dz + (xhat * d + e), xhat = (x + center) * rs, dz from the scratch or, without
+// the activation, from dy.
 template <typename T, typename D>
 DDPM_AVX512 void bwd_pass2_avx512(const T* x, const D* dz, int64_t dz_step, T* dx, int64_t step, int64_t count,
                                   __mmask16 m, __m512 center, __m512 rs, __m512 a, __m512 d, __m512 e) {
@@ -574,7 +565,6 @@ struct BwdArgs {
 // NCHW, the (sample, group) task i: cpg rows of HW contiguous elements. scratch: cpg * HW floats.
 template <typename T, bool Act>
 DDPM_AVX512 void bwd_task_nchw(const BwdArgs& A, const T* xp, const T* dyp, T* dxp, int64_t i, float* scratch) {
-  constexpr bool precise = std::is_same_v<T, float>;
   const int64_t C = A.C, HW = A.HW, cpg = A.cpg, full = HW / 16, rest = HW % 16;
   const __mmask16 all = 0xffff, mrest = tail_mask(rest);
   const __m512d zd = _mm512_setzero_pd();
@@ -588,9 +578,9 @@ DDPM_AVX512 void bwd_task_nchw(const BwdArgs& A, const T* xp, const T* dyp, T* d
     const __m512 center = _mm512_set1_ps(sh - mu), vw = _mm512_set1_ps(wc), vb = _mm512_set1_ps(bc);
     BwdSums acc{zd, zd, zd, zd};
     float* scr = Act ? scratch + j * HW : nullptr;
-    bwd_pass1_avx512<T, Act, precise>(xp + o, dyp + o, 16, full, all, center, rs, vw, vb, scr, acc);
+    bwd_pass1_avx512<T, Act>(xp + o, dyp + o, 16, full, all, center, rs, vw, vb, scr, acc);
     if (rest)
-      bwd_pass1_avx512<T, Act, precise>(xp + o + 16 * full, dyp + o + 16 * full, 16, 1, mrest, center, rs, vw, vb,
+      bwd_pass1_avx512<T, Act>(xp + o + 16 * full, dyp + o + 16 * full, 16, 1, mrest, center, rs, vw, vb,
                                         Act ? scr + 16 * full : nullptr, acc);
     const double sdz = bwd_total(acc.dz_lo, acc.dz_hi), sdzx = bwd_total(acc.dzx_lo, acc.dzx_hi);
     A.db_part[n * C + c] = sdz, A.dw_part[n * C + c] = sdzx;
@@ -619,20 +609,62 @@ DDPM_AVX512 void bwd_task_nchw(const BwdArgs& A, const T* xp, const T* dyp, T* d
   }
 }
 
-// channels_last, task t = (sample, block of cb channels = whole groups), 16 channels at a time
-// across the HW pixels (pixel stride C). scratch: nvec * 16 * HW floats; params: 7 * 16 * nvec
-// floats; sums: 2 * 16 * nvec doubles.
+// channels_last pass 1 over NV vectors of channels (the last one `last` lanes wide) for all HW
+// pixels (pixel stride C), pixel by pixel so that each pixel's channels are read as one contiguous
+// run; accumulators in registers, fp32 partial sums of kFlush pixels added to fp64 s1, s2. The
+// parameters are per-lane arrays; dz goes to dz_out[p * ld + 16 j].
+template <typename T, bool Act, int NV>
+DDPM_AVX512 void bwd_cl_pass1_avx512(const T* x, const T* dy, int64_t C, int64_t HW, int64_t last,
+                                     const float* center, const float* rs, const float* w, const float* b,
+                                     float* dz_out, int64_t ld, double* s1, double* s2) {
+  constexpr int64_t kFlush = 256;
+  const __mmask16 mlast = tail_mask(last);
+  const __m512 one = _mm512_set1_ps(1.f), lim = _mm512_set1_ps(80.f);
+  for (int64_t p0 = 0; p0 < HW; p0 += kFlush) {
+    const int64_t p1 = std::min(HW, p0 + kFlush);
+    __m512 a1[NV], a2[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) a1[j] = a2[j] = _mm512_setzero_ps();
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* xp = x + p * C;
+      const T* dp = dy + p * C;
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) {
+        const __mmask16 m = j == NV - 1 ? mlast : __mmask16(0xffff);
+        const __m512 xhat =
+            _mm512_mul_ps(_mm512_add_ps(load16(xp + 16 * j, m), _mm512_loadu_ps(center + 16 * j)), _mm512_loadu_ps(rs + 16 * j));
+        __m512 dz = load16(dp + 16 * j, m);
+        if constexpr (Act) {
+          const __m512 zc = _mm512_range_ps(_mm512_fmadd_ps(xhat, _mm512_loadu_ps(w + 16 * j), _mm512_loadu_ps(b + 16 * j)),
+                                            lim, 0b0110);
+          const __m512 sg = sigmoid16_clamped(zc);
+          dz = _mm512_mul_ps(_mm512_mul_ps(dz, sg), _mm512_fmadd_ps(zc, _mm512_sub_ps(one, sg), one));
+          _mm512_storeu_ps(dz_out + p * ld + 16 * j, dz);
+        }
+        a1[j] = _mm512_add_ps(a1[j], dz);
+        a2[j] = _mm512_fmadd_ps(dz, xhat, a2[j]);
+      }
+    }
+    alignas(64) float r1[16], r2[16];
+    for (int j = 0; j < NV; ++j) {
+      _mm512_store_ps(r1, a1[j]), _mm512_store_ps(r2, a2[j]);
+      for (int l = 0; l < 16; ++l) s1[16 * j + l] += r1[l], s2[16 * j + l] += r2[l];
+    }
+  }
+}
+
+// channels_last, task t = (sample, block of cb channels = whole groups), all HW pixels (pixel
+// stride C). scratch: HW * 16 * nvec floats (dz, pixel-major); params: 7 * 16 * nvec floats;
+// sums: 2 * 16 * nvec doubles.
 template <typename T, bool Act>
 DDPM_AVX512 void bwd_task_cl(const BwdArgs& A, const T* xp, const T* dyp, T* dxp, int64_t t, int64_t blocks,
                              int64_t cb, float* scratch, float* params, double* sums) {
-  constexpr bool precise = std::is_same_v<T, float>;
-  const int64_t C = A.C, HW = A.HW, G = A.G, cpg = A.cpg, gpb = cb / cpg, nvec = (cb + 15) / 16;
-  const __m512d zd = _mm512_setzero_pd();
-  float *center = params, *rsv = center + 16 * nvec, *wv = rsv + 16 * nvec, *bv = wv + 16 * nvec,
-        *av = bv + 16 * nvec, *dv = av + 16 * nvec, *ev = dv + 16 * nvec;
-  double *s1 = sums, *s2 = s1 + 16 * nvec;
+  const int64_t C = A.C, HW = A.HW, G = A.G, cpg = A.cpg, gpb = cb / cpg, nvec = (cb + 15) / 16, ld = 16 * nvec;
+  float *center = params, *rsv = center + ld, *wv = rsv + ld, *bv = wv + ld, *av = bv + ld, *dv = av + ld,
+        *ev = dv + ld;
+  double *s1 = sums, *s2 = s1 + ld;
   const int64_t n = t / blocks, c0 = (t % blocks) * cb, base = n * HW * C + c0;
-  for (int64_t c = 0; c < 16 * nvec; ++c) {  // padding lanes: harmless finite values
+  for (int64_t c = 0; c < ld; ++c) {  // padding lanes: harmless finite values
     const bool in = c < cb;
     const int64_t i = n * G + (in ? (c0 + c) / cpg : 0);
     center[c] = in ? (A.s ? A.s[n * C + c0 + c] : 0.f) - A.mean[i] : 0.f;
@@ -640,16 +672,21 @@ DDPM_AVX512 void bwd_task_cl(const BwdArgs& A, const T* xp, const T* dyp, T* dxp
     wv[c] = in && A.w ? A.w[c0 + c] : 1.f;
     bv[c] = in && A.b ? A.b[c0 + c] : 0.f;
     av[c] = dv[c] = ev[c] = 0.f;
+    s1[c] = s2[c] = 0;
   }
-  for (int64_t v = 0; v < nvec; ++v) {
-    const __mmask16 m = tail_mask(cb - 16 * v);
-    BwdSums acc{zd, zd, zd, zd};
-    bwd_pass1_avx512<T, Act, precise>(xp + base + 16 * v, dyp + base + 16 * v, C, HW, m,
-                                      _mm512_loadu_ps(center + 16 * v), _mm512_loadu_ps(rsv + 16 * v),
-                                      _mm512_loadu_ps(wv + 16 * v), _mm512_loadu_ps(bv + 16 * v),
-                                      Act ? scratch + 16 * HW * v : nullptr, acc);
-    _mm512_storeu_pd(s1 + 16 * v, acc.dz_lo), _mm512_storeu_pd(s1 + 16 * v + 8, acc.dz_hi);
-    _mm512_storeu_pd(s2 + 16 * v, acc.dzx_lo), _mm512_storeu_pd(s2 + 16 * v + 8, acc.dzx_hi);
+  for (int64_t c = 0; c < cb; c += 128) {  // up to 8 vectors of accumulators in registers
+    const int64_t width = std::min<int64_t>(128, cb - c), nv = (width + 15) / 16, last = width - 16 * (nv - 1);
+    const T *xc = xp + base + c, *dc = dyp + base + c;
+    float* dzc = Act ? scratch + c : nullptr;
+    switch (nv) {
+#define GN_CASE(K)                                                                                                 \
+  case K:                                                                                                          \
+    bwd_cl_pass1_avx512<T, Act, K>(xc, dc, C, HW, last, center + c, rsv + c, wv + c, bv + c, dzc, ld, \
+                                            s1 + c, s2 + c);                                                   \
+    break;
+      GN_CASE(1) GN_CASE(2) GN_CASE(3) GN_CASE(4) GN_CASE(5) GN_CASE(6) GN_CASE(7) GN_CASE(8)
+#undef GN_CASE
+    }
   }
   for (int64_t j = 0; j < gpb; ++j) {
     const int64_t i = n * G + c0 / cpg + j;
@@ -666,17 +703,24 @@ DDPM_AVX512 void bwd_task_cl(const BwdArgs& A, const T* xp, const T* dyp, T* dxp
       ev[c] = -rsf * mean_wdz;
     }
   }
-  for (int64_t v = 0; v < nvec; ++v) {
-    const __mmask16 m = tail_mask(cb - 16 * v);
-    const __m512 vc = _mm512_loadu_ps(center + 16 * v), vr = _mm512_loadu_ps(rsv + 16 * v),
-                 va = _mm512_loadu_ps(av + 16 * v), vd = _mm512_loadu_ps(dv + 16 * v),
-                 ve = _mm512_loadu_ps(ev + 16 * v);
-    if constexpr (Act)
-      bwd_pass2_avx512(xp + base + 16 * v, scratch + 16 * HW * v, 16, dxp + base + 16 * v, C, HW, m, vc, vr, va,
-                       vd, ve);
-    else
-      bwd_pass2_avx512(xp + base + 16 * v, dyp + base + 16 * v, C, dxp + base + 16 * v, C, HW, m, vc, vr, va, vd,
-                       ve);
+  // pass 2, pixel by pixel: dx = a * dz + (xhat * d + e)
+  const __mmask16 mlast = tail_mask(cb - 16 * (nvec - 1));
+  for (int64_t p = 0; p < HW; ++p) {
+    const T* xq = xp + base + p * C;
+    T* dq = dxp + base + p * C;
+    for (int64_t v = 0; v < nvec; ++v) {
+      const __mmask16 m = v == nvec - 1 ? mlast : __mmask16(0xffff);
+      const __m512 xhat = _mm512_mul_ps(_mm512_add_ps(load16(xq + 16 * v, m), _mm512_loadu_ps(center + 16 * v)),
+                                        _mm512_loadu_ps(rsv + 16 * v));
+      __m512 g;
+      if constexpr (Act)
+        g = _mm512_loadu_ps(scratch + p * ld + 16 * v);
+      else
+        g = load16(dyp + base + p * C + 16 * v, m);
+      const __m512 r = _mm512_fmadd_ps(_mm512_loadu_ps(av + 16 * v), g,
+                                       _mm512_fmadd_ps(xhat, _mm512_loadu_ps(dv + 16 * v), _mm512_loadu_ps(ev + 16 * v)));
+      store16(dq + 16 * v, r, m);
+    }
   }
 }
 
