@@ -6,7 +6,9 @@
 // reads its slice twice (statistics, then output), the second time from cache. AVX-512 where the
 // CPU has it (checked at run time), with AVX512_BF16 conversions for bf16 output where it has
 // those, portable C++ otherwise.
-// Backward: portable C++, parallel over (sample, group).
+// Backward: per (sample, group) for NCHW, per (sample, block of groups) for channels_last: dz and
+// its per-channel sums in one pass (dz kept in an fp32 scratch), dx in a second; AVX-512 where the
+// CPU has it, portable C++ otherwise.
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
@@ -423,7 +425,7 @@ std::tuple<Tensor, Tensor, Tensor> group_norm_silu_cpu(const Tensor& x_in, const
 //   dx = rstd * (w dz - mean_group(w dz) - xhat * mean_group(w dz xhat)).
 // Element (n, c, i) sits at n * sN + c * sC + i * sI (NCHW or channels_last strides).
 template <typename T>
-void backward_impl(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const Tensor& w, const Tensor& b,
+void backward_scalar(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const Tensor& w, const Tensor& b,
                    const Tensor& s, const float* mean, const float* rstd, int64_t G, bool act, double* dw_part,
                    double* db_part) {
   const int64_t N = x_t.size(0), C = x_t.size(1), HW = x_t.numel() / (N * C), cpg = C / G;
@@ -475,6 +477,311 @@ void backward_impl(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const Te
       }
     }
   });
+}
+
+// ---- AVX-512 backward ----
+// Per task, two passes over its slice: pass 1 computes dz (stored to an fp32 scratch that stays
+// in cache, so the sigmoid is evaluated once) and the per-channel sums of dz and dz * xhat in fp32
+// lanes, flushed to fp64 every 256 vectors; pass 2 computes dx from x and the stored dz. NCHW
+// walks each channel's row (broadcast parameters); channels_last walks the pixels, 16 channels a
+// vector (per-lane parameters), each pixel's channels of the block as one contiguous run.
+
+// sigmoid(z) for z clamped to [-80, 80]: 1 / (1 + 2^t), t = -z log2(e) = n + f as in silu16_fast,
+// degree-5 2^f and a Newton step on rcp14: relative error ~2e-7, for bf16 too (dw and db are fp32
+// sums; the cheaper degree-3 version saved only ~10% of the bf16 backward).
+DDPM_AVX512 inline __m512 sigmoid16_clamped(__m512 zc) {
+  const __m512 c = _mm512_set1_ps(-1.44269504088896341f);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(zc, c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_fmsub_ps(zc, c, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.326472731e-03f), f, _mm512_set1_ps(9.671512991e-03f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581e-02f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402224243e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // r (2 - d r)
+}
+
+struct BwdSums {  // fp64 lane totals of dz and dz * xhat
+  __m512d dz_lo, dz_hi, dzx_lo, dzx_hi;
+};
+
+DDPM_AVX512 inline void bwd_flush(BwdSums& s, __m512 a1, __m512 a2) {
+  s.dz_lo = _mm512_add_pd(s.dz_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(a1)));
+  s.dz_hi = _mm512_add_pd(s.dz_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a1), 1))));
+  s.dzx_lo = _mm512_add_pd(s.dzx_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(a2)));
+  s.dzx_hi = _mm512_add_pd(s.dzx_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a2), 1))));
+}
+
+// NCHW pass 1 over `count` vectors `step` elements apart (lanes outside `m` are zero). xhat = (x + center) * rs,
+// z = xhat * w + b, dz = dy * silu'(z) (or dy without the activation), stored to dz_out[16 k].
+template <typename T, bool Act>
+DDPM_AVX512 void bwd_pass1_avx512(const T* x, const T* dy, int64_t step, int64_t count, __mmask16 m, __m512 center,
+                                  __m512 rs, __m512 w, __m512 b, float* dz_out, BwdSums& s) {
+  constexpr int64_t kFlush = 256;
+  const __m512 one = _mm512_set1_ps(1.f), lim = _mm512_set1_ps(80.f);
+  for (int64_t k0 = 0; k0 < count; k0 += kFlush) {
+    const int64_t k1 = std::min(count, k0 + kFlush);
+    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; ++k) {
+      const __m512 xhat = _mm512_mul_ps(_mm512_add_ps(load16(x + k * step, m), center), rs);
+      __m512 dz = load16(dy + k * step, m);
+      if constexpr (Act) {
+        // zc: z clamped to [-80, 80] keeping its sign (vrangeps); beyond, silu' is 1 or 0 to fp32
+        const __m512 zc = _mm512_range_ps(_mm512_fmadd_ps(xhat, w, b), lim, 0b0110);
+        const __m512 sg = sigmoid16_clamped(zc);
+        // dy * sg * (1 + z (1 - sg))
+        dz = _mm512_mul_ps(_mm512_mul_ps(dz, sg), _mm512_fmadd_ps(zc, _mm512_sub_ps(one, sg), one));
+        _mm512_storeu_ps(dz_out + 16 * k, dz);
+      }
+      a1 = _mm512_add_ps(a1, dz);
+      a2 = _mm512_fmadd_ps(dz, xhat, a2);
+    }
+    bwd_flush(s, a1, a2);
+  }
+}
+
+// NCHW pass 2: dx = a * dz + (xhat * d + e), xhat = (x + center) * rs, dz from the scratch or, without
+// the activation, from dy.
+template <typename T, typename D>
+DDPM_AVX512 void bwd_pass2_avx512(const T* x, const D* dz, int64_t dz_step, T* dx, int64_t step, int64_t count,
+                                  __mmask16 m, __m512 center, __m512 rs, __m512 a, __m512 d, __m512 e) {
+  for (int64_t k = 0; k < count; ++k) {
+    const __m512 xhat = _mm512_mul_ps(_mm512_add_ps(load16(x + k * step, m), center), rs);
+    const __m512 g = load16(dz + k * dz_step, m);
+    store16(dx + k * step, _mm512_fmadd_ps(a, g, _mm512_fmadd_ps(xhat, d, e)), m);
+  }
+}
+
+DDPM_AVX512 inline double bwd_total(__m512d lo, __m512d hi) { return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi)); }
+
+struct BwdArgs {
+  int64_t N, C, HW, G, cpg;
+  const float *w, *b, *s, *mean, *rstd;
+  double *dw_part, *db_part;
+};
+
+// NCHW, the (sample, group) task i: cpg rows of HW contiguous elements. scratch: cpg * HW floats.
+template <typename T, bool Act>
+DDPM_AVX512 void bwd_task_nchw(const BwdArgs& A, const T* xp, const T* dyp, T* dxp, int64_t i, float* scratch) {
+  const int64_t C = A.C, HW = A.HW, cpg = A.cpg, full = HW / 16, rest = HW % 16;
+  const __mmask16 all = 0xffff, mrest = tail_mask(rest);
+  const __m512d zd = _mm512_setzero_pd();
+  const int64_t n = i / A.G, c0 = (i % A.G) * cpg, off = (n * C + c0) * HW;
+  const float mu = A.mean[i], rsf = A.rstd[i];
+  const __m512 rs = _mm512_set1_ps(rsf);
+  double m1 = 0, m2 = 0;
+  for (int64_t j = 0; j < cpg; ++j) {
+    const int64_t c = c0 + j, o = off + j * HW;
+    const float wc = A.w ? A.w[c] : 1.f, bc = A.b ? A.b[c] : 0.f, sh = A.s ? A.s[n * C + c] : 0.f;
+    const __m512 center = _mm512_set1_ps(sh - mu), vw = _mm512_set1_ps(wc), vb = _mm512_set1_ps(bc);
+    BwdSums acc{zd, zd, zd, zd};
+    float* scr = Act ? scratch + j * HW : nullptr;
+    bwd_pass1_avx512<T, Act>(xp + o, dyp + o, 16, full, all, center, rs, vw, vb, scr, acc);
+    if (rest)
+      bwd_pass1_avx512<T, Act>(xp + o + 16 * full, dyp + o + 16 * full, 16, 1, mrest, center, rs, vw, vb,
+                                        Act ? scr + 16 * full : nullptr, acc);
+    const double sdz = bwd_total(acc.dz_lo, acc.dz_hi), sdzx = bwd_total(acc.dzx_lo, acc.dzx_hi);
+    A.db_part[n * C + c] = sdz, A.dw_part[n * C + c] = sdzx;
+    m1 += wc * sdz, m2 += wc * sdzx;
+  }
+  const double cnt = double(cpg * HW);
+  const float mean_wdz = float(m1 / cnt), mean_wdzx = float(m2 / cnt);
+  const __m512 d = _mm512_set1_ps(-rsf * mean_wdzx), e = _mm512_set1_ps(-rsf * mean_wdz);
+  for (int64_t j = 0; j < cpg; ++j) {
+    const int64_t c = c0 + j, o = off + j * HW;
+    const float wc = A.w ? A.w[c] : 1.f, sh = A.s ? A.s[n * C + c] : 0.f;
+    const __m512 center = _mm512_set1_ps(sh - mu), a = _mm512_set1_ps(rsf * wc);
+    if constexpr (Act) {
+      const float* src = scratch + j * HW;
+      bwd_pass2_avx512(xp + o, src, 16, dxp + o, 16, full, all, center, rs, a, d, e);
+      if (rest)
+        bwd_pass2_avx512(xp + o + 16 * full, src + 16 * full, 16, dxp + o + 16 * full, 16, 1, mrest, center, rs, a,
+                         d, e);
+    } else {
+      const T* src = dyp + o;
+      bwd_pass2_avx512(xp + o, src, 16, dxp + o, 16, full, all, center, rs, a, d, e);
+      if (rest)
+        bwd_pass2_avx512(xp + o + 16 * full, src + 16 * full, 16, dxp + o + 16 * full, 16, 1, mrest, center, rs, a,
+                         d, e);
+    }
+  }
+}
+
+// channels_last pass 1 over NV vectors of channels (the last one `last` lanes wide) for all HW
+// pixels (pixel stride C), pixel by pixel so that each pixel's channels are read as one contiguous
+// run; accumulators in registers, fp32 partial sums of kFlush pixels added to fp64 s1, s2. The
+// parameters are per-lane arrays; dz goes to dz_out[p * ld + 16 j].
+template <typename T, bool Act, int NV>
+DDPM_AVX512 void bwd_cl_pass1_avx512(const T* x, const T* dy, int64_t C, int64_t HW, int64_t last,
+                                     const float* center, const float* rs, const float* w, const float* b,
+                                     float* dz_out, int64_t ld, double* s1, double* s2) {
+  constexpr int64_t kFlush = 256;
+  const __mmask16 mlast = tail_mask(last);
+  const __m512 one = _mm512_set1_ps(1.f), lim = _mm512_set1_ps(80.f);
+  for (int64_t p0 = 0; p0 < HW; p0 += kFlush) {
+    const int64_t p1 = std::min(HW, p0 + kFlush);
+    __m512 a1[NV], a2[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) a1[j] = a2[j] = _mm512_setzero_ps();
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* xp = x + p * C;
+      const T* dp = dy + p * C;
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) {
+        const __mmask16 m = j == NV - 1 ? mlast : __mmask16(0xffff);
+        const __m512 xhat =
+            _mm512_mul_ps(_mm512_add_ps(load16(xp + 16 * j, m), _mm512_loadu_ps(center + 16 * j)), _mm512_loadu_ps(rs + 16 * j));
+        __m512 dz = load16(dp + 16 * j, m);
+        if constexpr (Act) {
+          const __m512 zc = _mm512_range_ps(_mm512_fmadd_ps(xhat, _mm512_loadu_ps(w + 16 * j), _mm512_loadu_ps(b + 16 * j)),
+                                            lim, 0b0110);
+          const __m512 sg = sigmoid16_clamped(zc);
+          dz = _mm512_mul_ps(_mm512_mul_ps(dz, sg), _mm512_fmadd_ps(zc, _mm512_sub_ps(one, sg), one));
+          _mm512_storeu_ps(dz_out + p * ld + 16 * j, dz);
+        }
+        a1[j] = _mm512_add_ps(a1[j], dz);
+        a2[j] = _mm512_fmadd_ps(dz, xhat, a2[j]);
+      }
+    }
+    alignas(64) float r1[16], r2[16];
+    for (int j = 0; j < NV; ++j) {
+      _mm512_store_ps(r1, a1[j]), _mm512_store_ps(r2, a2[j]);
+      for (int l = 0; l < 16; ++l) s1[16 * j + l] += r1[l], s2[16 * j + l] += r2[l];
+    }
+  }
+}
+
+// channels_last, task t = (sample, block of cb channels = whole groups), all HW pixels (pixel
+// stride C). scratch: HW * 16 * nvec floats (dz, pixel-major); params: 7 * 16 * nvec floats;
+// sums: 2 * 16 * nvec doubles.
+template <typename T, bool Act>
+DDPM_AVX512 void bwd_task_cl(const BwdArgs& A, const T* xp, const T* dyp, T* dxp, int64_t t, int64_t blocks,
+                             int64_t cb, float* scratch, float* params, double* sums) {
+  const int64_t C = A.C, HW = A.HW, G = A.G, cpg = A.cpg, gpb = cb / cpg, nvec = (cb + 15) / 16, ld = 16 * nvec;
+  float *center = params, *rsv = center + ld, *wv = rsv + ld, *bv = wv + ld, *av = bv + ld, *dv = av + ld,
+        *ev = dv + ld;
+  double *s1 = sums, *s2 = s1 + ld;
+  const int64_t n = t / blocks, c0 = (t % blocks) * cb, base = n * HW * C + c0;
+  for (int64_t c = 0; c < ld; ++c) {  // padding lanes: harmless finite values
+    const bool in = c < cb;
+    const int64_t i = n * G + (in ? (c0 + c) / cpg : 0);
+    center[c] = in ? (A.s ? A.s[n * C + c0 + c] : 0.f) - A.mean[i] : 0.f;
+    rsv[c] = in ? A.rstd[i] : 0.f;
+    wv[c] = in && A.w ? A.w[c0 + c] : 1.f;
+    bv[c] = in && A.b ? A.b[c0 + c] : 0.f;
+    av[c] = dv[c] = ev[c] = 0.f;
+    s1[c] = s2[c] = 0;
+  }
+  for (int64_t c = 0; c < cb; c += 128) {  // up to 8 vectors of accumulators in registers
+    const int64_t width = std::min<int64_t>(128, cb - c), nv = (width + 15) / 16, last = width - 16 * (nv - 1);
+    const T *xc = xp + base + c, *dc = dyp + base + c;
+    float* dzc = Act ? scratch + c : nullptr;
+    switch (nv) {
+#define GN_CASE(K)                                                                                                 \
+  case K:                                                                                                          \
+    bwd_cl_pass1_avx512<T, Act, K>(xc, dc, C, HW, last, center + c, rsv + c, wv + c, bv + c, dzc, ld, \
+                                            s1 + c, s2 + c);                                                   \
+    break;
+      GN_CASE(1) GN_CASE(2) GN_CASE(3) GN_CASE(4) GN_CASE(5) GN_CASE(6) GN_CASE(7) GN_CASE(8)
+#undef GN_CASE
+    }
+  }
+  for (int64_t j = 0; j < gpb; ++j) {
+    const int64_t i = n * G + c0 / cpg + j;
+    double m1 = 0, m2 = 0;
+    for (int64_t c = j * cpg; c < (j + 1) * cpg; ++c) {
+      A.db_part[n * C + c0 + c] = s1[c], A.dw_part[n * C + c0 + c] = s2[c];
+      m1 += wv[c] * s1[c], m2 += wv[c] * s2[c];
+    }
+    const double cnt = double(cpg * HW);
+    const float mean_wdz = float(m1 / cnt), mean_wdzx = float(m2 / cnt), rsf = A.rstd[i];
+    for (int64_t c = j * cpg; c < (j + 1) * cpg; ++c) {
+      av[c] = rsf * wv[c];
+      dv[c] = -rsf * mean_wdzx;
+      ev[c] = -rsf * mean_wdz;
+    }
+  }
+  // pass 2, pixel by pixel: dx = a * dz + (xhat * d + e)
+  const __mmask16 mlast = tail_mask(cb - 16 * (nvec - 1));
+  for (int64_t p = 0; p < HW; ++p) {
+    const T* xq = xp + base + p * C;
+    T* dq = dxp + base + p * C;
+    for (int64_t v = 0; v < nvec; ++v) {
+      const __mmask16 m = v == nvec - 1 ? mlast : __mmask16(0xffff);
+      const __m512 xhat = _mm512_mul_ps(_mm512_add_ps(load16(xq + 16 * v, m), _mm512_loadu_ps(center + 16 * v)),
+                                        _mm512_loadu_ps(rsv + 16 * v));
+      __m512 g;
+      if constexpr (Act)
+        g = _mm512_loadu_ps(scratch + p * ld + 16 * v);
+      else
+        g = load16(dyp + base + p * C + 16 * v, m);
+      const __m512 r = _mm512_fmadd_ps(_mm512_loadu_ps(av + 16 * v), g,
+                                       _mm512_fmadd_ps(xhat, _mm512_loadu_ps(dv + 16 * v), _mm512_loadu_ps(ev + 16 * v)));
+      store16(dq + 16 * v, r, m);
+    }
+  }
+}
+
+template <typename T, bool Act>
+void backward_avx512(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const Tensor& w, const Tensor& b,
+                     const Tensor& s, const float* mean, const float* rstd, int64_t G, double* dw_part,
+                     double* db_part) {
+  const int64_t N = x_t.size(0), C = x_t.size(1), HW = x_t.numel() / (N * C), cpg = C / G;
+  const BwdArgs A{N,
+                  C,
+                  HW,
+                  G,
+                  cpg,
+                  w.defined() ? w.data_ptr<float>() : nullptr,
+                  b.defined() ? b.data_ptr<float>() : nullptr,
+                  s.defined() ? s.data_ptr<float>() : nullptr,
+                  mean,
+                  rstd,
+                  dw_part,
+                  db_part};
+  const T* xp = reinterpret_cast<const T*>(x_t.data_ptr());
+  const T* dyp = reinterpret_cast<const T*>(dy_t.data_ptr());
+  T* dxp = reinterpret_cast<T*>(dx_t.data_ptr());
+
+  if (!is_channels_last(x_t)) {
+    at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(Act ? cpg * HW + 16 : 0);
+      for (int64_t i = begin; i < end; ++i) bwd_task_nchw<T, Act>(A, xp, dyp, dxp, i, scratch.data());
+    });
+    return;
+  }
+
+  // channels_last: the fewest blocks of whole groups that give every thread two tasks and keep x,
+  // dy and the fp32 dz of a block within ~768 KiB (L2), block boundaries on cache lines.
+  const int64_t threads = at::get_num_threads(), elt = sizeof(T);
+  const int64_t per_elt = Act ? 2 * elt + 4 : 2 * elt;
+  int64_t blocks = 1;
+  for (int64_t k = 2; k <= G; ++k) {
+    if (N * blocks >= 2 * threads && HW * (C / blocks) * per_elt <= (768 << 10)) break;
+    if (G % k) continue;
+    if ((C / k) * elt % 64) break;
+    blocks = k;
+  }
+  const int64_t cb = C / blocks, nvec = (cb + 15) / 16;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(Act ? nvec * 16 * HW : 0), params(7 * 16 * nvec);
+    std::vector<double> sums(2 * 16 * nvec);
+    for (int64_t t = begin; t < end; ++t)
+      bwd_task_cl<T, Act>(A, xp, dyp, dxp, t, blocks, cb, scratch.data(), params.data(), sums.data());
+  });
+}
+
+template <typename T>
+void backward_impl(const Tensor& dy, const Tensor& x, Tensor& dx, const Tensor& w, const Tensor& b, const Tensor& s,
+                   const float* mean, const float* rstd, int64_t G, bool act, double* dw_part, double* db_part) {
+  if (!cpu_has_avx512())
+    backward_scalar<T>(dy, x, dx, w, b, s, mean, rstd, G, act, dw_part, db_part);
+  else if (act)
+    backward_avx512<T, true>(dy, x, dx, w, b, s, mean, rstd, G, dw_part, db_part);
+  else
+    backward_avx512<T, false>(dy, x, dx, w, b, s, mean, rstd, G, dw_part, db_part);
 }
 
 std::tuple<Tensor, Tensor, Tensor> group_norm_silu_backward_cpu(
