@@ -111,11 +111,12 @@ class Int8Linear(Int8Conv2d):
         return super()._int8(pixels).reshape(*lead, -1)
 
 
-def fingerprint(convs: dict[str, nn.Module]) -> str:
+def fingerprint(layers: dict[str, nn.Module]) -> str:
+    """A short hash of the layers' names and weights: which checkpoint a calibration belongs to."""
     h = hashlib.sha256()
-    for name, conv in convs.items():
+    for name, layer in layers.items():
         h.update(name.encode())
-        for t in (conv.weight, conv.bias):
+        for t in (layer.weight, layer.bias):
             if t is not None:
                 h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
