@@ -64,6 +64,10 @@ GROUPS = {  # test function -> the report's name for it
     "test_forward": "U-Net forward (sampling step)",
     "test_train_step": "training step",
     "test_sampling_quality": "sampling end to end (digits model)",
+    "test_group_norm_silu": "group_norm_silu kernel vs eager GroupNorm+SiLU",
+    "test_group_norm_silu_compile": "group_norm_silu kernel vs torch.compile",
+    "test_int8_conv2d": "int8_conv2d kernel, per conv shape, vs fp32 conv",
+    "test_int8_conv2d_model": "int8_conv2d kernel, all convs of a cifar10 forward, vs fp32 conv",
 }
 
 
