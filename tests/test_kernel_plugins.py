@@ -202,3 +202,21 @@ def test_int8_calibration_that_cannot_be_saved_is_said(tiny_checkpoint, tmp_path
     assert any("could not save the calibration" in line for line in eng.ctx.report)
     assert not any("saved to" in line for line in eng.ctx.report)
     assert not (tmp_path / "missing").exists()
+
+
+def test_without_the_extension_every_op_runs_its_reference(tiny_checkpoint, tmp_path):
+    """As on a machine without a compiler: ddpm_perf._C missing, the kernel plugins still sample,
+    on the PyTorch references, and say why."""
+    import subprocess
+
+    code = (
+        "import sys; sys.modules['ddpm_perf._C'] = None\n"  # the import fails as if it were never built
+        "from ddpm_perf.cli import main\n"
+        f"sys.argv = ['ddpm-perf', 'sample', '--checkpoint', {str(tiny_checkpoint)!r}, '--plugins',\n"
+        "            'fused_norm,int8(steps=1,batch=1)', '-n', '2', '--steps', '2', '--no-progress',\n"
+        f"            '--out', {str(tmp_path / 'out.png')!r}]\n"
+        "main()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "group_norm_silu backend reference (ddpm_perf._C does not load" in result.stdout
+    assert "kernel reference (" in result.stdout and (tmp_path / "out.png").exists()
