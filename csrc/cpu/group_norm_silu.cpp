@@ -56,16 +56,11 @@ void combine(const double* s1, const double* s2, const float* pivot, int64_t cha
 // z * sigmoid(z), sigmoid(z) = 1 / (1 + 2^t) with t = -z log2(e) = n + f, n an integer, |f| <= 1/2:
 // 2^f by a polynomial fitted for least maximum relative error on [-1/2, 1/2], 2^n by scalef, the
 // reciprocal by rcp14 (relative error < 2^-14). Precise, for fp32 outputs: degree 5 (relative
-// error 1.7e-7) and one Newton step on the reciprocal, 16 instructions (silu16: 20). Otherwise, for
+// error 1.7e-7) and one Newton step on the reciprocal, 16 instructions. Otherwise, for
 // bf16 outputs whose rounding error is 2^-9: degree 3 (1.0e-4) and no Newton step, 12.
 template <bool Precise>
-DDPM_AVX512 inline __m512 silu16_fast(__m512 z) {
-  const __m512 c = _mm512_set1_ps(-1.44269504088896341f), lim = _mm512_set1_ps(80.f);
-  // z clamped to [-80, 80] (vrangeps: the smaller magnitude, z's sign) keeps f = t - n within
-  // [-1/2, 1/2] and 1 + 2^t finite; silu is z beyond 80 and 0 (to fp32's resolution) below -80,
-  // where the result is zeroed. NaN stays NaN.
-  const __m512 zc = _mm512_range_ps(z, lim, 0b0110);
-  const __mmask16 keep = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-80.f), _CMP_NLT_UQ);
+DDPM_AVX512 inline __m512 sigmoid16_clamped(__m512 zc) {  // zc within [-80, 80]
+  const __m512 c = _mm512_set1_ps(-1.44269504088896341f);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(zc, c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_fmsub_ps(zc, c, n);  // zc * c - n with zc * c unrounded
   __m512 p;
@@ -82,7 +77,17 @@ DDPM_AVX512 inline __m512 silu16_fast(__m512 z) {
   const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
   __m512 r = _mm512_rcp14_ps(d);
   if constexpr (Precise) r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // r (2 - d r)
-  return _mm512_maskz_mul_ps(keep, z, r);
+  return r;
+}
+
+template <bool Precise>
+DDPM_AVX512 inline __m512 silu16_fast(__m512 z) {
+  // z clamped to [-80, 80] (vrangeps: the smaller magnitude, z's sign) keeps f = t - n within
+  // [-1/2, 1/2] and 1 + 2^t finite; silu is z beyond 80 and 0 (to fp32's resolution) below -80,
+  // where the result is zeroed. NaN stays NaN.
+  const __m512 zc = _mm512_range_ps(z, _mm512_set1_ps(80.f), 0b0110);
+  const __mmask16 keep = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-80.f), _CMP_NLT_UQ);
+  return _mm512_maskz_mul_ps(keep, z, sigmoid16_clamped<Precise>(zc));
 }
 
 // ---- statistics ----
@@ -486,22 +491,8 @@ void backward_scalar(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
 // walks each channel's row (broadcast parameters); channels_last walks the pixels, 16 channels a
 // vector (per-lane parameters), each pixel's channels of the block as one contiguous run.
 
-// sigmoid(z) for z clamped to [-80, 80]: 1 / (1 + 2^t), t = -z log2(e) = n + f as in silu16_fast,
-// degree-5 2^f and a Newton step on rcp14: relative error ~2e-7, for bf16 too (dw and db are fp32
-// sums; the cheaper degree-3 version saved only ~10% of the bf16 backward).
-DDPM_AVX512 inline __m512 sigmoid16_clamped(__m512 zc) {
-  const __m512 c = _mm512_set1_ps(-1.44269504088896341f);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(zc, c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_fmsub_ps(zc, c, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.326472731e-03f), f, _mm512_set1_ps(9.671512991e-03f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550733581e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402224243e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470037e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
-  const __m512 r = _mm512_rcp14_ps(d);
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // r (2 - d r)
-}
+// The backward's sigmoid is the precise one of the forward (relative error ~2e-7), for bf16 too:
+// dw and db are fp32 sums, and the cheaper degree-3 version saved only ~10% of the bf16 backward.
 
 struct BwdSums {  // fp64 lane totals of dz and dz * xhat
   __m512d dz_lo, dz_hi, dzx_lo, dzx_hi;
@@ -530,7 +521,7 @@ DDPM_AVX512 void bwd_pass1_avx512(const T* x, const T* dy, int64_t step, int64_t
       if constexpr (Act) {
         // zc: z clamped to [-80, 80] keeping its sign (vrangeps); beyond, silu' is 1 or 0 to fp32
         const __m512 zc = _mm512_range_ps(_mm512_fmadd_ps(xhat, w, b), lim, 0b0110);
-        const __m512 sg = sigmoid16_clamped(zc);
+        const __m512 sg = sigmoid16_clamped<true>(zc);
         // dy * sg * (1 + z (1 - sg))
         dz = _mm512_mul_ps(_mm512_mul_ps(dz, sg), _mm512_fmadd_ps(zc, _mm512_sub_ps(one, sg), one));
         _mm512_storeu_ps(dz_out + 16 * k, dz);
@@ -637,7 +628,7 @@ DDPM_AVX512 void bwd_cl_pass1_avx512(const T* x, const T* dy, int64_t C, int64_t
         if constexpr (Act) {
           const __m512 zc = _mm512_range_ps(_mm512_fmadd_ps(xhat, _mm512_loadu_ps(w + 16 * j), _mm512_loadu_ps(b + 16 * j)),
                                             lim, 0b0110);
-          const __m512 sg = sigmoid16_clamped(zc);
+          const __m512 sg = sigmoid16_clamped<true>(zc);
           dz = _mm512_mul_ps(_mm512_mul_ps(dz, sg), _mm512_fmadd_ps(zc, _mm512_sub_ps(one, sg), one));
           _mm512_storeu_ps(dz_out + p * ld + 16 * j, dz);
         }

@@ -1,5 +1,5 @@
 // Helpers shared by the CPU kernels: run-time ISA detection and the AVX-512 primitives the
-// kernels need (bf16 <-> fp32, exp, SiLU). Functions that use AVX-512 carry DDPM_AVX512 so the
+// kernels need (bf16 <-> fp32 loads and stores, masks). Functions that use AVX-512 carry DDPM_AVX512 so the
 // rest of the library is compiled for the baseline ISA and runs on any x86-64 CPU; callers
 // choose a path with cpu_has_avx512() / cpu_has_avx512_vnni() / cpu_has_avx2() at run time.
 #pragma once
@@ -77,34 +77,6 @@ DDPM_AVX512 inline void store16(uint16_t* p, __m512 v, __mmask16 m) {
   __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(rounded));
-}
-
-// exp(x) to ~1 ulp: 2^n * p(r), r = x - n ln2 in [-ln2/2, ln2/2], p a degree-7 Taylor polynomial.
-DDPM_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
-  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-// z * sigmoid(z). 1 / (1 + e^-z) by rcp14 and one Newton step (~2^-28 relative): a division
-// costs more than the whole exp here.
-DDPM_AVX512 inline __m512 silu16(__m512 z) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  const __m512 d = _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), z)));
-  __m512 r = _mm512_rcp14_ps(d);
-  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
-  return _mm512_mul_ps(z, r);
 }
 
 // AVX512_BF16 (vcvtneps2bf16): fp32 -> bf16 in one instruction, rounding to nearest even like
