@@ -27,6 +27,7 @@ PLUGINS = {
     "fused_norm": "ddpm_perf_plugins.fused_norm:FusedNorm",
     "int8": "ddpm_perf_plugins.int8:Int8",
     "fused_attention": "ddpm_perf_plugins.fused_attention:FusedAttention",
+    "patch_parallel": "ddpm_perf_plugins.patch_parallel:PatchParallel",
 }
 
 
@@ -76,7 +77,7 @@ setup(
     description="Fast DDPM sampling and training on CPU and GPU, with pluggable speedups",
     python_requires=">=3.10",
     packages=["ddpm_perf", "ddpm_perf.model", "ddpm_perf.diffusion", "ddpm_perf.data", "ddpm_perf.metrics",
-              "ddpm_perf.ops", "ddpm_perf_plugins", "ddpm_perf_triton"],
+              "ddpm_perf.ops", "ddpm_perf_plugins", "ddpm_perf_plugins.patch_parallel", "ddpm_perf_triton"],
     package_dir={"ddpm_perf": "ddpm_perf", "ddpm_perf_plugins": "plugins", "ddpm_perf_triton": "triton_kernels"},
     package_data={"ddpm_perf": ["assets/*.safetensors", "assets/*.int8.json"]},
     install_requires=[

@@ -102,7 +102,8 @@ device_option = click.option("--device", default="cpu", show_default=True, help=
 @device_option
 @plugins_option
 @click.option("--out", type=click.Path(path_type=Path), default=Path("samples.png"), show_default=True,
-              help="FILE.png: a grid; FILE.npz: uint8 NHWC array 'images'; DIR: one PNG per image.")
+              help="FILE.png: a grid; FILE.npz: uint8 NHWC array 'images'; FILE.npy: float32 NCHW in [-1, 1]; "
+                   "DIR: one PNG per image.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num, batch_size, seed, device,
            plugins, out, progress):
@@ -114,7 +115,7 @@ def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num,
     from .diffusion.samplers import make_sampler
     from .diffusion.schedule import Diffusion
     from .engine import SamplingEngine, peak_memory
-    from .io import check_output_path, save_images, to_uint8
+    from .io import check_output_path, save_samples
     from .model.checkpoint import default_checkpoint, load_checkpoint
     from .plugins import PluginHost
 
@@ -130,16 +131,22 @@ def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num,
         chosen = make_sampler(sampler, Diffusion(ckpt.schedule_config), steps or DEFAULT_STEPS[sampler], eta,
                               spacing, clip_sample, variance)
         engine = SamplingEngine(ckpt, chosen, host, device, batch_size)
-        indices = distributed.shard(list(range(num)), info)
-        images = distributed.gather_to_main(engine.sample(num, seed=seed, progress=progress and info.is_main,
-                                                          indices=indices), indices, num, info)
+        if engine.ctx.data_parallel:
+            indices = distributed.shard(list(range(num)), info)
+            images = distributed.gather_to_main(engine.sample(num, seed=seed, progress=progress and info.is_main,
+                                                              indices=indices), indices, num, info)
+        else:  # every rank works on every image (patch parallelism): rank 0 has them all
+            images = engine.sample(num, seed=seed, progress=progress and info.is_main)
     if not info.is_main:
         return
-    save_images(to_uint8(images), out)
+    save_samples(images, out)
     s = engine.stats
     for line in engine.ctx.report:
         click.echo(line)
-    ranks = f" (rank 0 of {info.world_size}: {s.images} images)" if info.enabled else ""
+    ranks = ""
+    if info.enabled:
+        ranks = (f" (rank 0 of {info.world_size}: {s.images} images)" if engine.ctx.data_parallel
+                 else f" ({info.world_size} ranks, one band each)")
     click.echo(f"wrote {num} images to {out}: {s.seconds:.1f} s, {s.seconds_per_step * 1e3:.1f} ms/step{ranks}, "
                f"{num / s.seconds if s.seconds else 0.0:.1f} images/s, {peak_memory(device)}"
                + (f", plugins: {','.join(host.names)}" if host.names else ""))

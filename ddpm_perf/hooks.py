@@ -55,6 +55,9 @@ class RunContext:
     checkpoint: str | None = None  # path of the checkpoint the model came from, if any
     grad_scaler: "torch.amp.GradScaler | None" = None  # training: set by a plugin (fp16 autocast)
     report: list[str] = field(default_factory=list)
+    # Under torchrun, whether the ranks split the samples between them (data parallel). A plugin
+    # that splits each image over the ranks instead (patch_parallel) sets it False in configure.
+    data_parallel: bool = True
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

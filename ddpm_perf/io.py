@@ -14,7 +14,7 @@ from PIL import Image
 
 from .errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".npz")
+IMAGE_SUFFIXES = (".png", ".npz", ".npy")
 _UMASK = os.umask(0)  # read the process umask (there is no getter) and put it back at once
 os.umask(_UMASK)
 
@@ -37,13 +37,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def check_output_path(out: str | os.PathLike) -> Path:
-    """Validate --out before any work is done: FILE.png, FILE.npz, or a directory."""
+    """Validate --out before any work is done: FILE.png, FILE.npz, FILE.npy or a directory."""
     out = Path(out)
     parent = out.parent if out.suffix.lower() in IMAGE_SUFFIXES or not out.exists() else out
     if not parent.is_dir():
         raise UserError(f"--out {out}: folder {parent} does not exist; create it first or pick another path")
     if out.suffix and out.suffix.lower() not in IMAGE_SUFFIXES and not out.is_dir():
-        raise UserError(f"--out {out}: give FILE.png (a grid), FILE.npz (uint8 NHWC array) or a directory")
+        raise UserError(f"--out {out}: give FILE.png (a grid), FILE.npz (uint8 NHWC array), FILE.npy "
+                        "(float32 NCHW in [-1, 1]) or a directory")
     return out
 
 
@@ -67,6 +68,18 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.
 
 def _to_pil(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+
+
+def save_samples(samples: torch.Tensor, out: str | os.PathLike) -> Path:
+    """Write (N, C, H, W) samples in [-1, 1]: FILE.npy keeps them as float32 (for comparisons at
+    full precision); any other --out gets uint8 images (``save_images``)."""
+    out = Path(out)
+    if out.suffix.lower() != ".npy":
+        return save_images(to_uint8(samples), out)
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, samples.float().cpu().numpy())
+    return out
 
 
 def save_images(images: np.ndarray, out: str | os.PathLike) -> Path:

@@ -1,0 +1,160 @@
+"""patch_parallel: each image split into row bands, one per torchrun process.
+
+Every rank holds the full x_t and runs the U-Net on its band; the bands' noise predictions are
+all-gathered after each step, so every rank takes the same sampler step with the same noise
+(the engine's seed convention) and rank 0 writes the images. Modes:
+
+* ``sync``: exact. Halo rows from the neighbours for every k x k conv, GroupNorm statistics from
+  all ranks, attention over every band's keys and values; equal to one process.
+* ``displaced`` (DistriFusion, Li et al., CVPR 2024): after ``warmup`` exact steps, each layer
+  uses the other bands' data from the previous step (halos, corrected GroupNorm statistics,
+  keys and values), all-gathered asynchronously in buckets while the network runs on.
+* ``pcpp`` (partially conditioned patch parallelism, Zhang et al., 2024): as displaced, but
+  attention sees only its own band and the ``portion`` of each neighbour's positions nearest to
+  it, and halos and keys/values go point to point to the two neighbours only.
+
+Launch: ``torchrun --standalone --nproc_per_node N -m ddpm_perf sample --plugins patch_parallel``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ddpm_perf.distributed import DEFAULT_TIMEOUT
+from ddpm_perf.errors import UserError
+from ddpm_perf.hooks import hookimpl
+from ddpm_perf.model.unet import AttnBlock, Downsample, NormAct, UNet
+from ddpm_perf.plugins import Option, Phase, Plugin
+
+from .exchange import KINDS, Exchange
+from .layers import BandAttention, BandDownsample, BandInput, Bands, BandNorm, HaloConv2d
+
+
+def split_into_bands(model: UNet, bands: Bands) -> UNet:
+    """Replace, in place, every layer that looks across rows by its band version."""
+    layer = iter(range(1 << 30))  # ids in module order: the same on every rank
+
+    def rewrite(parent: nn.Module) -> None:
+        for name, child in parent.named_children():
+            if parent is model and name == "conv_in":
+                new = BandInput(child, bands)
+            elif isinstance(child, AttnBlock):
+                rewrite(child)
+                new = BandAttention(child, bands, next(layer))
+            elif isinstance(child, Downsample):
+                new = BandDownsample(child, bands, next(layer))
+            elif type(child) is NormAct:
+                new = BandNorm(child, bands, next(layer))
+            elif type(child) is nn.Conv2d and child.kernel_size[0] > 1:
+                pad = child.padding[0]
+                if child.stride[0] != 1 or child.padding_mode != "zeros" or isinstance(pad, str):
+                    raise UserError(f"plugin patch_parallel: cannot split conv {name} ({child})")
+                new = HaloConv2d(child, bands, next(layer), top=pad, bottom=pad, pad_width=child.padding[1])
+            elif isinstance(child, (nn.Conv2d, nn.GroupNorm)) and not (
+                    type(child) is nn.Conv2d and child.kernel_size == (1, 1)):
+                # a layer another plugin put there (fused, quantised...): its rows cannot be split
+                raise UserError(f"plugin patch_parallel: cannot split {type(child).__name__} layers "
+                                "(from another plugin); drop that plugin")
+            else:
+                rewrite(child)
+                continue
+            setattr(parent, name, new)
+
+    rewrite(model)
+    return model
+
+
+class PatchParallel(Plugin):
+    name = "patch_parallel"
+    description = "Split each image into row bands over torchrun processes (exact, DistriFusion or PCPP)."
+    phase = Phase.REWRITE
+    options = {
+        "mode": Option(str, "displaced", "sync: exact; displaced: DistriFusion; pcpp: neighbours only",
+                       choices=("sync", "displaced", "pcpp")),
+        "warmup": Option(int, 4, "displaced, pcpp: steps 0..warmup are exact"),
+        "portion": Option(float, 0.3, "pcpp: fraction of each neighbour's positions that attention sees"),
+        "bucket_mib": Option(float, 1.0, "displaced, pcpp: data queued before an asynchronous send"),
+    }
+    # Each of these replaces the norm, attention or conv layers with ones that see the whole image.
+    conflicts = ("fused_norm", "fused_attention", "int8", "compile", "cuda_graphs")
+
+    def __init__(self, **values):
+        super().__init__(**values)
+        o = self.opts
+        if o.warmup < 0:
+            raise UserError(f"plugin patch_parallel: warmup={o.warmup} must be at least 0 (step 0 is always exact)")
+        if not 0 <= o.portion <= 1:
+            raise UserError(f"plugin patch_parallel: portion={o.portion} must be in [0, 1]")
+        if o.bucket_mib <= 0:
+            raise UserError(f"plugin patch_parallel: bucket_mib={o.bucket_mib} must be positive")
+        self.bands: Bands | None = None
+        self.steps = 0  # model evaluations since the counters were reset
+
+    @classmethod
+    def available(cls) -> str | None:
+        return None if dist.is_available() else "this torch has no torch.distributed"
+
+    @hookimpl
+    def configure(self, ctx):
+        if ctx.mode != "sample":
+            raise UserError("plugin patch_parallel: sampling only; train data-parallel with torchrun instead")
+        if not dist.is_initialized() or dist.get_world_size() < 2:
+            raise UserError("plugin patch_parallel: run it on 2 or more processes: torchrun --standalone "
+                            "--nproc_per_node 2 -m ddpm_perf sample --plugins patch_parallel ...")
+        world, c = dist.get_world_size(), ctx.model_config
+        bottleneck = c.image_size // c.downsample_factor
+        if world > bottleneck:
+            raise UserError(f"plugin patch_parallel: {world} ranks but the {c.image_size}px model's lowest resolution "
+                            f"has {bottleneck} rows; use at most {bottleneck} ranks")
+        if bottleneck % world:
+            raise UserError(f"plugin patch_parallel: image height {c.image_size} must be divisible by ranks x "
+                            f"2^downsamplings = {world} x {c.downsample_factor}; use a number of ranks "
+                            f"dividing {bottleneck}")
+        ctx.data_parallel = False  # every rank works on every image
+
+    @hookimpl
+    def transform_model(self, model, ctx):
+        o = self.opts
+        exchange = Exchange(dist.get_rank(), dist.get_world_size(), int(o.bucket_mib * 2**20), DEFAULT_TIMEOUT)
+        self.bands = Bands(exchange, o.mode, o.warmup, o.portion)
+        return split_into_bands(model, self.bands)
+
+    @hookimpl
+    def wrap_denoiser(self, fn, ctx):
+        exchange = self.bands.exchange
+
+        def denoise(x, t, plan):
+            band = fn(x, t, plan).contiguous()
+            exchange.flush()  # the rest of this step's displaced data goes out now
+            parts = [torch.empty_like(band) for _ in range(exchange.world_size)]
+            dist.all_gather(parts, band)
+            exchange.count("output", (exchange.world_size - 1) * band.numel() * band.element_size())
+            return torch.cat(parts, 2)
+
+        return denoise
+
+    @hookimpl
+    def plan_step(self, step, t, plan, ctx):
+        self.bands.step = step
+        if step == 0:  # a new batch: nothing stale carries over
+            self.bands.exchange.reset()
+
+    @hookimpl
+    def after_step(self, step, state, ctx):
+        self.steps += 1
+        if step == len(ctx.sampler.timesteps) - 1:
+            self.bands.exchange.reset()  # no sends left on the wire between batches
+            per_step = self.bytes_per_step()
+            line = ("patch_parallel: " + f"{self.opts.mode} on {self.bands.world_size} ranks, sent per step per rank "
+                    "(mean over ranks): " + ", ".join(f"{k} {v / 2**10:.1f} KiB" for k, v in per_step.items())
+                    + f"; total {sum(per_step.values()) / 2**20:.2f} MiB")
+            ctx.report[:] = [r for r in ctx.report if not r.startswith("patch_parallel:")] + [line]
+
+    def bytes_per_step(self) -> dict[str, float]:
+        """Bytes sent per model evaluation per rank, by layer kind, averaged over the ranks (a collective)."""
+        sent = torch.tensor([float(self.bands.exchange.sent.get(k, 0)) for k in KINDS], dtype=torch.float64)
+        dist.all_reduce(sent)
+        return {k: v / self.bands.world_size / max(self.steps, 1) for k, v in zip(KINDS, sent.tolist())}
+

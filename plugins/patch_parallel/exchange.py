@@ -1,0 +1,219 @@
+"""Moving band data between ranks: blocking or one step stale, to all ranks or to the two
+neighbours only, with the bytes each rank sends counted by layer kind.
+
+A band layer hands over a ``Message`` each forward: what every rank needs (``to_all``:
+all-gathered) and what only the rank above or below needs (``to_up`` / ``to_down``: sent point
+to point). It gets back a ``Delivery`` with the other ranks' parts:
+
+* ``wait=True`` (exact steps): the message goes out now and the call blocks; the delivery holds
+  this step's data.
+* ``wait=False`` (displaced steps, DistriFusion): the call returns at once with the data the
+  other ranks sent for this layer at the last step it ran. The fresh message is queued; full
+  buckets go out as asynchronous collectives on their own process group, so they overlap the
+  rest of the forward and the next step until a layer needs them.
+
+Every rank sends the same layers in the same order with the same shapes (equal bands), so a
+receiver knows every size without a handshake.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+KINDS = ("halo", "norm", "attention", "output")
+
+
+@dataclass
+class Message:
+    layer: int
+    kind: str  # one of KINDS, for the accounting
+    to_all: Tensor | None = None
+    to_up: Tensor | None = None  # for rank - 1
+    to_down: Tensor | None = None  # for rank + 1
+
+
+@dataclass
+class Delivery:
+    from_all: list[Tensor] | None = None  # indexed by rank (the own slot is this rank's message)
+    from_up: Tensor | None = None  # what rank - 1 sent down; None at the top edge
+    from_down: Tensor | None = None  # what rank + 1 sent up; None at the bottom edge
+
+
+@dataclass
+class _Flight:
+    """One bucket of queued messages on the wire."""
+
+    messages: list[Message]
+    works: list
+    recv_all: dict[torch.dtype, list[Tensor]] = field(default_factory=dict)
+    recv_up: dict[torch.dtype, Tensor] = field(default_factory=dict)
+    recv_down: dict[torch.dtype, Tensor] = field(default_factory=dict)
+
+
+def _flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    out, at = [], 0
+    for t in like:
+        out.append(flat[at:at + t.numel()].view(t.shape))
+        at += t.numel()
+    return out
+
+
+class Exchange:
+    def __init__(self, rank: int, world_size: int, bucket_bytes: int = 1 << 20,
+                 timeout: datetime.timedelta | None = None):
+        self.rank, self.world_size = rank, world_size
+        self.bucket_bytes = bucket_bytes
+        # Asynchronous traffic gets its own group: the blocking collectives of exact layers and of
+        # the output gather must not queue behind a bucket still on the wire.
+        self.async_group = dist.new_group(backend=dist.get_backend(), timeout=timeout)
+        self.sent: dict[str, int] = defaultdict(int)  # bytes this rank sent, by kind, since reset_counts
+        self._queue: list[Message] = []
+        self._queued_bytes = 0
+        self._in_flight: dict[int, _Flight] = {}  # layer -> the flight carrying its last message
+        self._latest: dict[int, Delivery] = {}  # layer -> the last delivery received
+        self._tag = 0
+
+    @property
+    def up(self) -> int | None:
+        return self.rank - 1 if self.rank > 0 else None
+
+    @property
+    def down(self) -> int | None:
+        return self.rank + 1 if self.rank < self.world_size - 1 else None
+
+    # -- the one call layers make ------------------------------------------------------------
+
+    def send(self, message: Message, wait: bool) -> Delivery:
+        if wait:
+            flight = self._launch([message], group=None)
+            delivery = self._land(flight)[message.layer]
+            self._latest[message.layer] = delivery
+            return delivery
+        stale = self.stale(message.layer)
+        self._queue.append(message)
+        self._queued_bytes += sum(t.numel() * t.element_size() for t in _parts(message))
+        if self._queued_bytes >= self.bucket_bytes:
+            self.flush()
+        return stale
+
+    def stale(self, layer: int) -> Delivery:
+        """What the other ranks last sent for ``layer`` (waiting for it if still on the wire)."""
+        flight = self._in_flight.get(layer)
+        if flight is not None:
+            for landed_layer, delivery in self._land(flight).items():
+                self._latest[landed_layer] = delivery
+                del self._in_flight[landed_layer]
+        if layer not in self._latest:
+            raise RuntimeError(f"patch_parallel: layer {layer} has no data from an earlier step; "
+                               "a displaced step must follow an exact one")
+        return self._latest[layer]
+
+    def flush(self) -> None:
+        """Put the queued messages on the wire, asynchronously."""
+        if not self._queue:
+            return
+        flight = self._launch(self._queue, group=self.async_group)
+        for message in self._queue:
+            self._in_flight[message.layer] = flight
+        self._queue, self._queued_bytes = [], 0
+
+    def reset(self) -> None:
+        """Start a new image batch: land everything still on the wire, forget all stale data."""
+        self.flush()
+        for flight in {id(f): f for f in self._in_flight.values()}.values():
+            self._land(flight)
+        self._in_flight.clear()
+        self._latest.clear()
+
+    def count(self, kind: str, nbytes: int) -> None:
+        self.sent[kind] += nbytes
+
+    def _count(self, messages: list[Message], part: str, copies: int) -> None:
+        for m in messages:
+            t = getattr(m, part)
+            if t is not None:
+                self.count(m.kind, copies * t.numel() * t.element_size())
+
+    # -- wire ---------------------------------------------------------------------------------
+
+    def _launch(self, messages: list[Message], group) -> _Flight:
+        flight = _Flight(messages, [])
+        by_dtype: dict[torch.dtype, list[Message]] = defaultdict(list)
+        for m in messages:
+            by_dtype[next(t for t in _parts(m)).dtype].append(m)
+        for dtype, ms in by_dtype.items():
+            to_all = [m.to_all for m in ms if m.to_all is not None]
+            if to_all:
+                mine = _flat(to_all)
+                flight.recv_all[dtype] = [torch.empty_like(mine) for _ in range(self.world_size)]
+                flight.works.append(dist.all_gather(flight.recv_all[dtype], mine, group=group, async_op=True))
+                # ring all-gather: each rank's part travels to the world_size - 1 others
+                self._count(ms, "to_all", self.world_size - 1)
+            # Up-going parts carry tag, down-going tag + 1: the same sequence on every rank.
+            self._tag += 2
+            up_tag, down_tag = self._tag, self._tag + 1
+            to_up = [m.to_up for m in ms if m.to_up is not None]
+            to_down = [m.to_down for m in ms if m.to_down is not None]
+            flat_up = _flat(to_up) if to_up else None
+            flat_down = _flat(to_down) if to_down else None
+            # What the rank above sends down has the shape of what I send down, and vice versa.
+            if self.up is not None:
+                if flat_up is not None:
+                    flight.works.append(dist.isend(flat_up, self.up, group=group, tag=up_tag))
+                    self._count(ms, "to_up", 1)
+                if flat_down is not None:
+                    flight.recv_up[dtype] = torch.empty_like(flat_down)
+                    flight.works.append(dist.irecv(flight.recv_up[dtype], self.up, group=group, tag=down_tag))
+            if self.down is not None:
+                if flat_down is not None:
+                    flight.works.append(dist.isend(flat_down, self.down, group=group, tag=down_tag))
+                    self._count(ms, "to_down", 1)
+                if flat_up is not None:
+                    flight.recv_down[dtype] = torch.empty_like(flat_up)
+                    flight.works.append(dist.irecv(flight.recv_down[dtype], self.down, group=group, tag=up_tag))
+        return flight
+
+    def _land(self, flight: _Flight) -> dict[int, Delivery]:
+        for work in flight.works:
+            work.wait()
+        flight.works = []
+        by_dtype: dict[torch.dtype, list[Message]] = defaultdict(list)
+        for m in flight.messages:
+            by_dtype[next(t for t in _parts(m)).dtype].append(m)
+        out: dict[int, Delivery] = {}
+        for dtype, ms in by_dtype.items():
+            all_like = [m.to_all for m in ms if m.to_all is not None]
+            per_rank = ([_split(flat, all_like) for flat in flight.recv_all[dtype]]
+                        if dtype in flight.recv_all else None)
+            up_like = [m.to_down for m in ms if m.to_down is not None]  # the rank above sent its to_down
+            down_like = [m.to_up for m in ms if m.to_up is not None]
+            from_up = (iter(_split(flight.recv_up[dtype], up_like))
+                       if flight.recv_up.get(dtype) is not None else None)
+            from_down = (iter(_split(flight.recv_down[dtype], down_like))
+                         if flight.recv_down.get(dtype) is not None else None)
+            i_all = 0
+            for m in ms:
+                d = Delivery()
+                if m.to_all is not None:
+                    d.from_all = [parts[i_all] for parts in per_rank]
+                    i_all += 1
+                if m.to_down is not None and from_up is not None:
+                    d.from_up = next(from_up)
+                if m.to_up is not None and from_down is not None:
+                    d.from_down = next(from_down)
+                out[m.layer] = d
+        return out
+
+
+def _parts(m: Message) -> list[Tensor]:
+    return [t for t in (m.to_all, m.to_up, m.to_down) if t is not None]

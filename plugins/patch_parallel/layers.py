@@ -1,0 +1,179 @@
+"""The U-Net's layers on a row band: each wraps the original module and keeps its weights.
+
+Only layers that look across rows need the other bands: k x k convolutions (halo rows),
+GroupNorm (statistics over the whole image) and self-attention (keys and values of every
+position). 1x1 convolutions, linear layers, SiLU, nearest upsampling, the time embedding and
+the skip concatenations work on a band as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddpm_perf.model.unet import AttnBlock, NormAct
+
+from .exchange import Exchange, Message
+
+
+@dataclass
+class Bands:
+    """What every band layer shares: who this rank is and what kind of step runs now."""
+
+    exchange: Exchange
+    mode: str  # sync | displaced | pcpp
+    warmup: int  # steps 0..warmup are exact in displaced and pcpp
+    portion: float  # pcpp: fraction of each neighbour's tokens attended
+    step: int = 0
+
+    @property
+    def rank(self) -> int:
+        return self.exchange.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.exchange.world_size
+
+    @property
+    def exact(self) -> bool:
+        return self.mode == "sync" or self.step <= self.warmup
+
+
+class BandInput(nn.Module):
+    """The first conv: cuts its band, with the rows its kernel needs, from the full input."""
+
+    def __init__(self, conv: nn.Conv2d, bands: Bands):
+        super().__init__()
+        self.conv, self.bands = conv, bands
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, pad = x.shape[2], self.conv.padding[0]
+        rows = height // self.bands.world_size
+        lo, hi = self.bands.rank * rows - pad, (self.bands.rank + 1) * rows + pad
+        band = F.pad(x[:, :, max(lo, 0):min(hi, height)], (0, 0, max(-lo, 0), max(hi - height, 0)))
+        c = self.conv
+        return F.conv2d(band, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)
+
+
+class HaloConv2d(nn.Module):
+    """A k x k conv on a band: ``top`` rows from the band above and ``bottom`` rows from the band
+    below (zeros at the image's edges) replace the conv's own vertical zero padding."""
+
+    def __init__(self, conv: nn.Conv2d, bands: Bands, layer: int, top: int, bottom: int, pad_width: int):
+        super().__init__()
+        self.conv, self.bands, self.layer = conv, bands, layer
+        self.top, self.bottom, self.pad_width = top, bottom, pad_width
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.bands
+        first, last = x[:, :, :self.bottom], x[:, :, x.shape[2] - self.top:]
+        if b.mode == "displaced":  # DistriFusion: every layer's boundary rows to every rank
+            delivery = b.exchange.send(Message(self.layer, "halo", to_all=torch.cat([first, last], 2)), wait=b.exact)
+            above = delivery.from_all[b.rank - 1][:, :, self.bottom:] if b.rank > 0 else None
+            below = delivery.from_all[b.rank + 1][:, :, :self.bottom] if b.rank < b.world_size - 1 else None
+        else:  # to the two neighbours only
+            message = Message(self.layer, "halo", to_up=first if self.bottom else None,
+                              to_down=last if self.top else None)
+            delivery = b.exchange.send(message, wait=b.exact)
+            above, below = delivery.from_up, delivery.from_down
+        rows = [above if above is not None else x.new_zeros(*x.shape[:2], self.top, x.shape[3]), x,
+                below if below is not None else x.new_zeros(*x.shape[:2], self.bottom, x.shape[3])]
+        c = self.conv
+        return F.conv2d(torch.cat(rows, 2), c.weight, c.bias, c.stride, (0, self.pad_width), c.dilation, c.groups)
+
+
+class BandDownsample(nn.Module):
+    """The U-Net's Downsample (TF "SAME": one zero row and column after, then a stride-2 conv):
+    on a band, the row after is the first row of the band below."""
+
+    def __init__(self, down: nn.Module, bands: Bands, layer: int):
+        super().__init__()
+        self.conv = HaloConv2d(down.conv, bands, layer, top=0, bottom=1, pad_width=0)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.conv(F.pad(x, (0, 1)))
+
+
+class BandNorm(nn.Module):
+    """NormAct with the statistics of the whole image.
+
+    Each rank sends its per-(sample, group) mean and variance. Exact steps combine all ranks'
+    (equal band sizes: the mean of means, the mean of variances plus the variance of means).
+    Displaced steps use DistriFusion's corrected asynchronous GroupNorm: the other ranks' stale
+    moments plus the change of this rank's own since it sent them, falling back to the local
+    variance where the estimate comes out negative.
+    """
+
+    def __init__(self, norm: NormAct, bands: Bands, layer: int):
+        super().__init__()
+        self.norm, self.bands, self.layer = norm, bands, layer
+
+    def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
+        n, b = self.norm, self.bands
+        if shift is not None:
+            x = x + shift[:, :, None, None]
+        batch, channels = x.shape[:2]
+        var, mean = torch.var_mean(x.float().reshape(batch, n.num_groups, -1), dim=2, unbiased=False)
+        local = torch.stack([mean, var])
+        delivery = b.exchange.send(Message(self.layer, "norm", to_all=local), wait=b.exact)
+        ranks = torch.stack(delivery.from_all).double()  # (world, 2, B, G)
+        if b.exact:
+            mean_all = ranks[:, 0].mean(0)
+            var_all = ranks[:, 1].mean(0) + (ranks[:, 0] - mean_all).square().mean(0)
+        else:
+            moments = torch.stack([ranks[:, 0], ranks[:, 1] + ranks[:, 0].square()], 1)  # E[x], E[x^2]
+            fresh = torch.stack([mean, var + mean.square()]).double()
+            estimate = moments.mean(0) + (fresh - moments[b.rank])
+            mean_all = estimate[0]
+            var_all = estimate[1] - mean_all.square()
+            var_all = torch.where(var_all < 0, var.double(), var_all)
+        rstd = (var_all + n.eps).rsqrt()
+        group_size = channels // n.num_groups
+        scale = n.weight.double().view(1, n.num_groups, group_size) * rstd[:, :, None]  # (B, G, C/G)
+        offset = n.bias.double().view(1, n.num_groups, group_size) - mean_all[:, :, None] * scale
+        y = torch.addcmul(offset.reshape(batch, channels, 1, 1).to(x.dtype), x,
+                          scale.reshape(batch, channels, 1, 1).to(x.dtype))
+        return F.silu(y) if n.silu else y
+
+
+class BandAttention(nn.Module):
+    """Self-attention whose queries are this band's positions and whose keys and values come
+    from every band (sync, displaced: the other bands' from the last step) or, in pcpp, from this
+    band and the ``portion`` of each neighbour's positions nearest to it."""
+
+    def __init__(self, block: AttnBlock, bands: Bands, layer: int):
+        super().__init__()
+        self.block, self.bands, self.layer = block, bands, layer
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        a = self.block
+        batch, channels, height, width = x.shape
+        tokens = a.norm(x).flatten(2).transpose(1, 2)  # (B, hW, C)
+        keys_values = self._context(torch.cat([a.k(tokens), a.v(tokens)], 2))
+        k, v = keys_values.split(channels, dim=2)
+        out = F.scaled_dot_product_attention(a.q(tokens)[:, None], k[:, None], v[:, None])[:, 0]
+        return x + a.proj_out(out).transpose(1, 2).reshape(batch, channels, height, width)
+
+    def skip(self, x: Tensor) -> Tensor:
+        return x
+
+    def _context(self, kv: Tensor) -> Tensor:
+        b = self.bands
+        if b.exact or b.mode != "pcpp":
+            delivery = b.exchange.send(Message(self.layer, "attention", to_all=kv), wait=b.exact)
+            parts = list(delivery.from_all)
+            parts[b.rank] = kv  # the own band is always fresh
+            return torch.cat(parts, 1)
+        near = int(b.portion * kv.shape[1])
+        if near == 0:
+            return kv
+        delivery = b.exchange.send(Message(self.layer, "attention", to_up=kv[:, :near], to_down=kv[:, -near:]),
+                                   wait=False)
+        above, below = delivery.from_up, delivery.from_down
+        if delivery.from_all is not None:  # the first displaced step: the last exact step sent everything
+            above = delivery.from_all[b.rank - 1][:, -near:] if b.rank > 0 else None
+            below = delivery.from_all[b.rank + 1][:, :near] if b.rank < b.world_size - 1 else None
+        return torch.cat([p for p in (above, kv, below) if p is not None], 1)
