@@ -28,7 +28,7 @@ class DdpmPerfGroup(click.Group):
         except UserError as e:
             if debug:
                 raise
-            self._fail(str(e))
+            self._fail(str(e), e.exit_code)
         except click.UsageError as e:
             if debug:
                 raise
@@ -43,9 +43,9 @@ class DdpmPerfGroup(click.Group):
         sys.exit(rv if isinstance(rv, int) else 0)
 
     @staticmethod
-    def _fail(message: str) -> None:
+    def _fail(message: str, exit_code: int = UserError.exit_code) -> None:
         click.echo(f"ddpm-perf: error: {message}", err=True)
-        sys.exit(UserError.exit_code)
+        sys.exit(exit_code)
 
 
 def resolve_device(name: str) -> torch.device:

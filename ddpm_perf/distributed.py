@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from .errors import PeerFailure, UserError
 
 # A rank that dies must not leave the others waiting forever on a collective.
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("DDPM_PERF_DIST_TIMEOUT_MIN", "30")))
@@ -59,10 +59,23 @@ def process_group(device: torch.device) -> Iterator[tuple[DistInfo, torch.device
     info, device = init(device)
     try:
         yield info, device
-    except BaseException:
+    except BaseException as error:
         shutdown(completed=False)
+        if info.enabled and is_peer_failure(error):
+            reason = str(error).strip().splitlines()[0][:300]
+            raise PeerFailure(f"rank {info.rank} of {info.world_size}: another rank died or stopped answering "
+                              f"({reason}); that rank's output says why") from error
         raise
     shutdown()
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """A collective failed because another rank went away (gloo: closed connection; any: timeout)."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("connection closed by peer", "connection reset by peer", "timed out", "broken pipe"))
 
 
 def shard(indices: list[int], info: DistInfo) -> list[int]:

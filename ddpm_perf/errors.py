@@ -7,6 +7,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+class PeerFailure(UserError):
+    """Another process of a multi-process run died or stopped answering: this one stops too."""
+
+    exit_code = 1
+
+
 def dataclass_from_dict(cls, d: dict, what: str):
     """Build dataclass ``cls`` from JSON ``d``, naming unknown or missing fields as a UserError."""
     import dataclasses

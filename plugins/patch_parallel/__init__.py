@@ -25,6 +25,7 @@ from torch import nn
 from ddpm_perf.distributed import DEFAULT_TIMEOUT
 from ddpm_perf.errors import UserError
 from ddpm_perf.hooks import hookimpl
+from ddpm_perf.model.config import UNetConfig
 from ddpm_perf.model.unet import AttnBlock, Downsample, NormAct, UNet
 from ddpm_perf.plugins import Option, Phase, Plugin
 
@@ -66,6 +67,18 @@ def split_into_bands(model: UNet, bands: Bands) -> UNet:
     return model
 
 
+def check_geometry(config: UNetConfig, world: int) -> None:
+    """Every rank needs a whole band at every resolution, down to the lowest."""
+    bottleneck = config.image_size // config.downsample_factor
+    if world > bottleneck:
+        raise UserError(f"plugin patch_parallel: {world} ranks but the {config.image_size}px model's lowest "
+                        f"resolution has {bottleneck} rows; use at most {bottleneck} ranks")
+    if bottleneck % world:
+        raise UserError(f"plugin patch_parallel: image height {config.image_size} must be divisible by ranks x "
+                        f"2^downsamplings = {world} x {config.downsample_factor}; use a number of ranks "
+                        f"dividing {bottleneck}")
+
+
 class PatchParallel(Plugin):
     name = "patch_parallel"
     description = "Split each image into row bands over torchrun processes (exact, DistriFusion or PCPP)."
@@ -103,15 +116,7 @@ class PatchParallel(Plugin):
         if not dist.is_initialized() or dist.get_world_size() < 2:
             raise UserError("plugin patch_parallel: run it on 2 or more processes: torchrun --standalone "
                             "--nproc_per_node 2 -m ddpm_perf sample --plugins patch_parallel ...")
-        world, c = dist.get_world_size(), ctx.model_config
-        bottleneck = c.image_size // c.downsample_factor
-        if world > bottleneck:
-            raise UserError(f"plugin patch_parallel: {world} ranks but the {c.image_size}px model's lowest resolution "
-                            f"has {bottleneck} rows; use at most {bottleneck} ranks")
-        if bottleneck % world:
-            raise UserError(f"plugin patch_parallel: image height {c.image_size} must be divisible by ranks x "
-                            f"2^downsamplings = {world} x {c.downsample_factor}; use a number of ranks "
-                            f"dividing {bottleneck}")
+        check_geometry(ctx.model_config, dist.get_world_size())
         ctx.data_parallel = False  # every rank works on every image
 
     @hookimpl

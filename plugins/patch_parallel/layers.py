@@ -116,7 +116,7 @@ class BandNorm(nn.Module):
         if shift is not None:
             x = x + shift[:, :, None, None]
         batch, channels = x.shape[:2]
-        var, mean = torch.var_mean(x.float().reshape(batch, n.num_groups, -1), dim=2, unbiased=False)
+        mean, var = _group_moments(x, n.num_groups)
         local = torch.stack([mean, var])
         delivery = b.exchange.send(Message(self.layer, "norm", to_all=local), wait=b.exact)
         ranks = torch.stack(delivery.from_all).double()  # (world, 2, B, G)
@@ -137,6 +137,16 @@ class BandNorm(nn.Module):
         y = torch.addcmul(offset.reshape(batch, channels, 1, 1).to(x.dtype), x,
                           scale.reshape(batch, channels, 1, 1).to(x.dtype))
         return F.silu(y) if n.silu else y
+
+
+def _group_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
+    """Per-(sample, group) mean and biased variance in fp32. ATen's GroupNorm kernel computes
+    them vectorised, ~20x faster here than torch.var_mean's Welford loop; with eps = 0 its rstd
+    is exactly 1 / sqrt(var). (It also writes a normalised output we do not use.)"""
+    batch, channels = x.shape[:2]
+    _, mean, rstd = torch.ops.aten.native_group_norm(x.float(), None, None, batch, channels,
+                                                     x[0, 0].numel(), groups, 0.0)
+    return mean, rstd.reciprocal().square()  # rstd = inf (a constant group) gives var = 0
 
 
 class BandAttention(nn.Module):
