@@ -68,6 +68,10 @@ GROUPS = {  # test function -> the report's name for it
     "test_group_norm_silu_compile": "group_norm_silu kernel vs torch.compile",
     "test_int8_conv2d": "int8_conv2d kernel, per conv shape, vs fp32 conv",
     "test_int8_conv2d_model": "int8_conv2d kernel, all convs of a cifar10 forward, vs fp32 conv",
+    "test_parallel_ceiling": "2 single-thread processes at once vs 1 (the ceiling of 2 ranks)",
+    "test_patch_parallel_step": "patch_parallel, 2 ranks x 1 thread vs 1 process x 1 thread",
+    "test_patch_parallel_bytes_4_ranks": "patch_parallel bytes per step, 4 ranks",
+    "test_patch_parallel_quality": "patch_parallel quality, 2 ranks (digits model)",
 }
 
 
