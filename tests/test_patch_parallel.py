@@ -40,9 +40,11 @@ def one_process(args: list[str], cwd) -> np.ndarray:
     return np.load(cwd / "one.npy")
 
 
-def bands(n: int, args: list[str], spec: str, cwd) -> tuple[np.ndarray, dict[str, float]]:
-    """Samples and bytes sent per step per rank (KiB, by kind) of an n-rank run."""
-    result = torchrun(n, [*args, "--plugins", f"patch_parallel({spec})", "--out", "bands.npy"], cwd)
+def bands(n: int, args: list[str], spec: str, cwd, others: str = "") -> tuple[np.ndarray, dict[str, float]]:
+    """Samples and bytes sent per step per rank (KiB, by kind) of an n-rank run with
+    ``patch_parallel(spec)`` and the ``others`` plugins."""
+    plugins = f"patch_parallel({spec})" + (f",{others}" if others else "")
+    result = torchrun(n, [*args, "--plugins", plugins, "--out", "bands.npy"], cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(re.findall(r"^wrote \d+ images", result.stdout, re.M)) == 1  # rank 0 writes, alone
     report = next(line for line in result.stdout.splitlines() if line.startswith("patch_parallel:"))
@@ -183,3 +185,14 @@ def test_a_rank_that_dies_stops_the_others(tiny_checkpoint, tmp_path):
                      r"that rank's output says why", result.stderr), result.stderr[-3000:]
     assert "[rank0]: Traceback" not in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("others, atol", [("deep_cache(interval=2)", 1e-4), ("early_exit", 1e-4),
+                                          ("amp", 0.1)])
+def test_composes_with_step_and_precision_plugins(tiny_checkpoint, tmp_path, others, atol):
+    """sync bands with another plugin give what one process gives with that plugin (bf16
+    autocast: the same up to its rounding, which the bands' different sums change)."""
+    args = [*SAMPLE, "--checkpoint", str(tiny_checkpoint), "--steps", "4"]
+    reference = one_process([*args, "--plugins", others], tmp_path)
+    samples, _ = bands(2, args, "mode=sync", tmp_path, others)
+    np.testing.assert_allclose(samples, reference, rtol=0, atol=atol)
