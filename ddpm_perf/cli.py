@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import warnings
 from pathlib import Path
 
 import click
 import torch
 
 from . import __version__
-from .errors import UserError
+from .errors import RunWarning, UserError
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmpp": 20}
 
@@ -24,7 +25,9 @@ class DdpmPerfGroup(click.Group):
         args = sys.argv[1:] if args is None else list(args)
         debug = "--debug" in args
         try:
-            rv = super().main(args, prog_name, standalone_mode=False, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _show_warning
+                rv = super().main(args, prog_name, standalone_mode=False, **kwargs)
         except UserError as e:
             if debug:
                 raise
@@ -46,6 +49,14 @@ class DdpmPerfGroup(click.Group):
     def _fail(message: str, exit_code: int = UserError.exit_code) -> None:
         click.echo(f"ddpm-perf: error: {message}", err=True)
         sys.exit(exit_code)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our RunWarnings as one line; anything else (torch's own) as Python shows it."""
+    if issubclass(category, RunWarning):
+        click.echo(f"ddpm-perf: warning: {message}", err=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,7 +94,8 @@ device_option = click.option("--device", default="cpu", show_default=True, help=
 
 @main.command()
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
-              help="A ddpm-perf .safetensors checkpoint (default: the embedded digits model).")
+              help="A ddpm-perf .safetensors checkpoint (default: the embedded digits model, or the model a "
+                   "plugin brings: early_exit's fine-tuned one).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp"]), default="ddim", show_default=True)
 @click.option("--steps", type=int, default=None, callback=positive,
               help="Sampler steps (default: ddpm 1000, ddim 50, dpmpp 20).")
@@ -122,7 +134,8 @@ def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num,
     out = check_output_path(out)
     host = PluginHost.from_spec(plugins)
     with distributed.process_group(resolve_device(device)) as (info, device):
-        ckpt = load_checkpoint(checkpoint or default_checkpoint())
+        brought = None if checkpoint else host.default_checkpoint()
+        ckpt = load_checkpoint(checkpoint or brought or default_checkpoint())
         if info.enabled:  # a fingerprint of the options and the weights, compared across ranks
             distributed.check_same_everywhere(
                 f"{sampler} {steps} {eta} {spacing} {clip_sample} {variance} {num} {seed} {plugins} "
@@ -131,6 +144,8 @@ def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num,
         chosen = make_sampler(sampler, Diffusion(ckpt.schedule_config), steps or DEFAULT_STEPS[sampler], eta,
                               spacing, clip_sample, variance)
         engine = SamplingEngine(ckpt, chosen, host, device, batch_size)
+        if brought:
+            engine.ctx.report.insert(0, f"model: {brought.name}, the plugins' own (give --checkpoint for another)")
         if engine.ctx.data_parallel:
             indices = distributed.shard(list(range(num)), info)
             images = distributed.gather_to_main(engine.sample(num, seed=seed, progress=progress and info.is_main,
@@ -271,7 +286,8 @@ def convert(source, dest, dtype):
         ckpt = load_diffusers(source)
     else:
         ckpt = load_checkpoint(source)
-    save_checkpoint(dest, ckpt.model_config, ckpt.schedule_config, ckpt.weights, dtype=getattr(torch, dtype))
+    save_checkpoint(dest, ckpt.model_config, ckpt.schedule_config, ckpt.weights, dtype=getattr(torch, dtype),
+                    trained_with=ckpt.trained_with)
     click.echo(f"wrote {dest} ({dest.stat().st_size / 2**20:.1f} MiB, {dtype})")
 
 

@@ -76,7 +76,8 @@ class SamplingEngine:
         self.sampler = sampler
         self.batch_size = batch_size
         self.ctx = RunContext("sample", self.device, checkpoint.model_config, sampler.diffusion, batch_size,
-                              sampler=sampler, checkpoint=str(checkpoint.path) if checkpoint.path else None)
+                              sampler=sampler, checkpoint=str(checkpoint.path) if checkpoint.path else None,
+                              trained_with=checkpoint.trained_with)
         hook = self.plugins.hook
         hook.configure(ctx=self.ctx)
         model, _ = checkpoint.build(self.device)

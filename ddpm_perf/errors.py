@@ -7,6 +7,11 @@ class UserError(Exception):
     exit_code = 2
 
 
+class RunWarning(UserWarning):
+    """Something the user should know but that does not stop the run (e.g. early_exit on weights
+    never fine-tuned for it). The CLI prints it as one 'ddpm-perf: warning:' line."""
+
+
 class PeerFailure(UserError):
     """Another process of a multi-process run died or stopped answering: this one stops too."""
 

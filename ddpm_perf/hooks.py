@@ -53,6 +53,7 @@ class RunContext:
     batch_size: int
     sampler: "Sampler | None" = None  # sampling only
     checkpoint: str | None = None  # path of the checkpoint the model came from, if any
+    trained_with: str = ""  # sampling: the plugins the checkpoint's weights were trained with (PluginHost.spec)
     grad_scaler: "torch.amp.GradScaler | None" = None  # training: set by a plugin (fp16 autocast)
     report: list[str] = field(default_factory=list)
     # Under torchrun, whether the ranks split the samples between them (data parallel). A plugin

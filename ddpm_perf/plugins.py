@@ -15,6 +15,7 @@ import enum
 import importlib.metadata as md
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
@@ -38,6 +39,10 @@ class Phase(enum.IntEnum):
 
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _format(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,17 @@ class Plugin:
             known = ", ".join(self.options) or "none"
             raise UserError(f"plugin {self.name}: unknown option {unknown[0]!r}; options: {known}")
         self.opts = SimpleNamespace(**{k: values.get(k, o.default) for k, o in self.options.items()})
+
+    def default_checkpoint(self) -> Path | None:
+        """A checkpoint to sample when the user gives none (e.g. weights fine-tuned for this
+        plugin, shipped with it), or None for the core's embedded model."""
+        return None
+
+    @property
+    def spec(self) -> str:
+        """This plugin and its options in --plugins syntax: ``name(key=value,...)``."""
+        values = ",".join(f"{k}={_format(v)}" for k, v in vars(self.opts).items())
+        return f"{self.name}({values})" if values else self.name
 
     @classmethod
     def from_strings(cls, raw: dict[str, str]) -> "Plugin":
@@ -190,6 +206,12 @@ def parse_spec(spec: str) -> list[tuple[str, dict[str, str]]]:
     return parsed
 
 
+def split_spec(spec: str) -> list[str]:
+    """``"a,b(x=1,y=z)"`` -> ``["a", "b(x=1,y=z)"]``: each plugin's part of a spec."""
+    return [f"{name}({','.join(f'{k}={v}' for k, v in opts.items())})" if opts else name
+            for name, opts in parse_spec(spec)]
+
+
 def instantiate(spec: str, registry: dict[str, PluginInfo] | None = None) -> list[Plugin]:
     """Parse ``spec``, load, validate and construct the plugins it names, in phase order."""
     registry = discover() if registry is None else registry
@@ -240,6 +262,19 @@ class PluginHost:
             if result is not None:
                 value = result
         return value
+
+    @property
+    def spec(self) -> str:
+        """The selected plugins with all their options, in --plugins syntax (phase order)."""
+        return ",".join(p.spec for p in self.plugins)
+
+    def default_checkpoint(self) -> Path | None:
+        """The checkpoint a plugin brings for runs that name none (at most one plugin may)."""
+        offers = [(p.name, path) for p in self.plugins if (path := p.default_checkpoint()) is not None]
+        if len(offers) > 1:
+            raise UserError(f"plugins {' and '.join(n for n, _ in offers)} each bring their own default model; "
+                            "give --checkpoint")
+        return offers[0][1] if offers else None
 
     def has(self, hook_name: str) -> bool:
         return bool(getattr(self.hook, hook_name).get_hookimpls())

@@ -134,7 +134,7 @@ class Trainer:
         if self.ctx.grad_scaler is not None:
             meta["grad_scaler"] = self.ctx.grad_scaler.state_dict()
         return save_checkpoint(self.checkpoint_path, self.net.config, self.schedule_config,
-                               self.ema.state_dict(), tensors, meta)
+                               self.ema.state_dict(), tensors, meta, trained_with=self.plugins.spec)
 
     @classmethod
     def resume(cls, path: str | Path, plugins: PluginHost | None = None, device: str | torch.device = "cpu",

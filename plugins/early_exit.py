@@ -10,13 +10,17 @@ units its timestep would skip (the batch is split by schedule bucket).
 
 from __future__ import annotations
 
+import warnings
+from importlib import resources
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from ddpm_perf.errors import UserError
+from ddpm_perf.errors import RunWarning, UserError
 from ddpm_perf.hooks import hookimpl
 from ddpm_perf.model.unet import StepPlan
-from ddpm_perf.plugins import Option, Phase, Plugin
+from ddpm_perf.plugins import Option, Phase, Plugin, split_spec
 
 
 def skip_candidates(unit_names: list[str], num_levels: int, levels: int) -> list[str]:
@@ -47,6 +51,9 @@ class TimeGroupedSkip(nn.Module):
         return out
 
 
+FINE_TUNED = "digits_early_exit.safetensors"
+
+
 class EarlyExit(Plugin):
     name = "early_exit"
     description = "ASE early exit: skip deep U-Net units on a time schedule, more near pure noise."
@@ -69,12 +76,28 @@ class EarlyExit(Plugin):
     def bucket_of(self, t):
         return t * self.opts.buckets // self._num_timesteps
 
+    def default_checkpoint(self) -> Path | None:
+        """The embedded digits model fine-tuned with the default schedule (README, "Models")."""
+        if self.spec != EarlyExit().spec:  # fine-tuned for the defaults only
+            return None
+        path = Path(str(resources.files("ddpm_perf_plugins") / "assets" / FINE_TUNED))
+        return path if path.is_file() else None
+
     @hookimpl
     def configure(self, ctx):
         c = ctx.model_config
         if self.opts.levels > c.num_levels:
             raise UserError(f"plugin early_exit: levels={self.opts.levels} exceeds the model's {c.num_levels}")
         self._num_timesteps = ctx.diffusion.num_timesteps
+        trained_with = split_spec(ctx.trained_with)
+        if ctx.mode == "sample" and self.spec not in trained_with:
+            trained = next((p for p in trained_with if p.startswith(f"{self.name}(")), None)
+            why = (f"the weights were fine-tuned with {trained}" if trained else
+                   f"the weights were trained with {ctx.trained_with}, not early_exit" if ctx.trained_with else
+                   "the checkpoint records no fine-tuning with early_exit")
+            warnings.warn(f"plugin {self.spec}: {why}; skipping units then changes what the network computes. "
+                          f"Fine-tune first: ddpm-perf train --plugins '{self.spec}' --init CKPT ...", RunWarning,
+                          stacklevel=2)
 
     @hookimpl
     def transform_model(self, model, ctx):

@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+from click.testing import CliRunner
+
+from ddpm_perf.cli import main
 from ddpm_perf.diffusion.samplers import make_sampler
 from ddpm_perf.diffusion.schedule import Diffusion, ScheduleConfig
 from ddpm_perf.engine import SamplingEngine, initial_noise
@@ -64,7 +67,36 @@ def test_training_runs_each_sample_with_its_own_skips(tmp_path):
     out.sum().backward()  # gradients flow through the grouped forward
     assert trainer.net.conv_in.weight.grad is not None
     trainer.run(progress=False)  # and the checkpoint keeps the plain U-Net's names
-    assert "blocks.mid_attn.q.weight" in load_checkpoint(trainer.checkpoint_path).weights
+    ckpt = load_checkpoint(trainer.checkpoint_path)
+    assert "blocks.mid_attn.q.weight" in ckpt.weights
+    # ... and says what it was fine-tuned with, through convert too
+    assert ckpt.trained_with == "early_exit(levels=1,max_skip=1.0,buckets=5)"
+    result = CliRunner().invoke(main, ["convert", str(trainer.checkpoint_path), str(tmp_path / "c.safetensors"),
+                                       "--dtype", "float16"])
+    assert result.exit_code == 0, result.output
+    converted = tmp_path / "c.safetensors"
+    assert load_checkpoint(converted).trained_with == ckpt.trained_with
+
+    def sample(spec):
+        return CliRunner().invoke(main, ["sample", "--checkpoint", str(converted), "-n", "2", "--steps", "2",
+                                         "--no-progress", "--plugins", spec, "--out", str(tmp_path / "s.png")])
+
+    assert "warning" not in sample("early_exit(max_skip=1.0)").stderr  # the schedule it was tuned for
+    warned = sample("early_exit").stderr.strip().splitlines()
+    assert warned == ["ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5): the weights "
+                      "were fine-tuned with early_exit(levels=1,max_skip=1.0,buckets=5); skipping units then changes "
+                      "what the network computes. Fine-tune first: ddpm-perf train --plugins "
+                      "'early_exit(levels=1,max_skip=0.5,buckets=5)' --init CKPT ..."]
+
+
+def test_weights_never_fine_tuned_get_a_warning(tiny_checkpoint, tmp_path):
+    result = CliRunner().invoke(main, ["sample", "--checkpoint", str(tiny_checkpoint), "-n", "2", "--steps", "2",
+                                       "--no-progress", "--plugins", "early_exit", "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 0
+    assert "ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5): the checkpoint records no" \
+        in result.stderr
+    assert (tmp_path / "s.png").exists()
+
 
 
 def test_bad_options(tiny_checkpoint):

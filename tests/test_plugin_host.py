@@ -427,3 +427,27 @@ def test_plan_step_skip_changes_the_output_as_the_plan_says(checkpoint):
             out.append(batch)
     expected = torch.cat(out).clamp(-1, 1)
     torch.testing.assert_close(skipped, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_at_most_one_plugin_brings_a_default_model(tmp_path):
+    from pathlib import Path
+
+    from ddpm_perf.plugins import Plugin, PluginHost
+
+    class Brings(Plugin):
+        name, description = "brings", "offers a model"
+
+        def default_checkpoint(self):
+            return Path("a.safetensors")
+
+    class AlsoBrings(Brings):
+        name = "also"
+
+    class Not(Plugin):
+        name, description = "not", "offers nothing"
+
+    assert PluginHost([Not()]).default_checkpoint() is None
+    assert PluginHost([Brings(), Not()]).default_checkpoint() == Path("a.safetensors")
+    with pytest.raises(UserError, match="plugins brings and also each bring their own default model"):
+        PluginHost([Brings(), AlsoBrings()]).default_checkpoint()
+    assert PluginHost([Brings(), Not()]).spec == "brings,not"

@@ -5,7 +5,9 @@ Layout of a file:
   train.model.<name>      raw training weights            } only in training checkpoints,
   train.optim.<i>.<key>   optimizer state per parameter   } read by --resume
   train.rng.<name>        RNG states as uint8 tensors     }
-metadata: format, model (UNetConfig JSON), schedule (ScheduleConfig JSON), train (JSON).
+metadata: format, model (UNetConfig JSON), schedule (ScheduleConfig JSON), train (JSON),
+trained_with (the --plugins spec of the training run that made the weights, e.g. "early_exit(levels=1,...)";
+kept by 'ddpm-perf convert', so a plugin can tell whether the weights were fine-tuned for it).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Checkpoint:
     train_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     train_meta: dict = field(default_factory=dict)
     path: Path | None = None
+    trained_with: str = ""  # the plugins the weights were trained with ("" = none, or unknown)
 
     @classmethod
     def from_model(cls, model: UNet, schedule_config: ScheduleConfig | None = None) -> "Checkpoint":
@@ -74,7 +77,7 @@ def default_checkpoint() -> Path:
 
 def save_checkpoint(path: str | os.PathLike, model_config: UNetConfig, schedule_config: ScheduleConfig,
                     weights: dict[str, torch.Tensor], train_tensors: dict[str, torch.Tensor] | None = None,
-                    train_meta: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+                    train_meta: dict | None = None, dtype: torch.dtype | None = None, trained_with: str = "") -> Path:
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
                for k, v in weights.items()}
     for k, v in (train_tensors or {}).items():
@@ -82,6 +85,8 @@ def save_checkpoint(path: str | os.PathLike, model_config: UNetConfig, schedule_
     metadata = {"format": FORMAT, "model": model_config.to_json(), "schedule": schedule_config.to_json()}
     if train_meta is not None:
         metadata["train"] = json.dumps(train_meta, sort_keys=True)
+    if trained_with:
+        metadata["trained_with"] = trained_with
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -122,4 +127,4 @@ def load_checkpoint(path: str | os.PathLike, with_training: bool = False) -> Che
     if with_training and not train:
         raise UserError(f"checkpoint {path} holds no training state (optimizer, RNG); "
                         "resume from a checkpoint written by 'ddpm-perf train'")
-    return Checkpoint(model_config, schedule_config, weights, train, train_meta, path)
+    return Checkpoint(model_config, schedule_config, weights, train, train_meta, path, meta.get("trained_with", ""))
