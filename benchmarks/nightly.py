@@ -30,7 +30,8 @@ What it does:
 4. Writes REPORT_DIR/report.md (speedups against eager fp32 of the same run, GFLOP/s as a
    fraction of the FLOP limit of the compute dtype measured by benchmarks/test_roofline.py in
    the same run, deviation from fp32 and FD-digits where recorded, change against the
-   baseline) and REPORT_DIR/report.png (speedup bars per plugin combination), beside the
+   baseline) and REPORT_DIR/report.png (speedup bars per plugin combination; with the step-compute sweep
+   also quality_vs_speed.png, FD-digits against time with the fewer-steps frontier), beside the
    run's benchmarks.json, junit.xml and pytest.log.
 
 Exit status: 0 no regression (or a new baseline), 1 a benchmark failed or pytest could not run
@@ -68,6 +69,7 @@ GROUPS = {  # test function -> the report's name for it
     "test_group_norm_silu_compile": "group_norm_silu kernel vs torch.compile",
     "test_int8_conv2d": "int8_conv2d kernel, per conv shape, vs fp32 conv",
     "test_int8_conv2d_model": "int8_conv2d kernel, all convs of a cifar10 forward, vs fp32 conv",
+    "test_step_compute_frontier": "step-compute plugins vs fewer DDIM steps (digits model)",
     "test_parallel_ceiling": "2 single-thread processes at once vs 1 (the ceiling of 2 ranks)",
     "test_patch_parallel_step": "patch_parallel, 2 ranks x 1 thread vs 1 process x 1 thread",
     "test_patch_parallel_bytes_4_ranks": "patch_parallel bytes per step, 4 ranks",
@@ -386,11 +388,72 @@ def write_report(report_dir: Path, run: dict, baseline_run: dict | None, baselin
         lines.append("No roofline benchmark ran (benchmarks/test_roofline.py): no FLOP limits in this run.")
     lines.append("")
 
+    sweep = frontier_sweep(run)
+    if sweep:
+        lines += quality_vs_speed_lines(sweep) + [""]
+
     md = report_dir / "report.md"
     md.write_text("\n".join(lines))
     png = report_dir / "report.png"
     plot(run, png, smoke)
+    if sweep:
+        plot_quality_vs_speed(sweep, report_dir / "quality_vs_speed.png", smoke)
     return md, png
+
+
+def frontier_sweep(run: dict) -> list[dict]:
+    """The configurations of the step-compute sweep (benchmarks/test_step_compute.py), if it ran."""
+    for bench in run.get("benchmarks", []):
+        configs = bench.get("extra_info", {}).get("configs")
+        if configs and all("fd_digits" in c and "relative_time" in c for c in configs):
+            return configs
+    return []
+
+
+def quality_vs_speed_lines(configs: list[dict]) -> list[str]:
+    lines = ["## Quality versus speed: step-compute plugins against fewer DDIM steps", "",
+             "FD-digits (lower is better) against wall time relative to the full-step baseline of the same round. "
+             "A plugin configuration beats the fewer-steps frontier when its FD-digits is below the frontier's, "
+             "interpolated at its time (clamped at the frontier's ends). Plot: quality_vs_speed.png.", "",
+             "| configuration | speedup | GFLOP per image (run) | FD-digits | frontier FD at that time | beats fewer steps |",
+             "|---|---|---|---|---|---|"]
+    for c in configs:
+        beats = "–" if c.get("frontier") else ("**yes**" if c.get("beats_fewer_steps_frontier") else "no")
+        front = "–" if c.get("frontier") else f"{c['frontier_fd_at_time']:.3f}"
+        lines.append(f"| {c['config']} | {1 / c['relative_time']:.2f}x | {c['flops_per_image_run'] / 1e9:.2f} | "
+                     f"{c['fd_digits']:.3f} | {front} | {beats} |")
+    return lines
+
+
+def plot_quality_vs_speed(configs: list[dict], path: Path, smoke: bool) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    frontier = sorted((c for c in configs if c.get("frontier")), key=lambda c: c["relative_time"])
+    ax.plot([c["relative_time"] for c in frontier], [c["fd_digits"] for c in frontier], "o-", color="black",
+            label="fewer DDIM steps (no plugin)")
+    for c in frontier:
+        ax.annotate(c["config"], (c["relative_time"], c["fd_digits"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)
+    for c in configs:
+        if c.get("frontier"):
+            continue
+        color = "tab:green" if c.get("beats_fewer_steps_frontier") else "tab:red"
+        ax.plot(c["relative_time"], c["fd_digits"], "s", color=color)
+        ax.annotate(c["plugins"], (c["relative_time"], c["fd_digits"]), textcoords="offset points", xytext=(4, -9),
+                    fontsize=7, color=color)
+    ax.plot([], [], "s", color="tab:green", label="plugin: beats the frontier")
+    ax.plot([], [], "s", color="tab:red", label="plugin: does not")
+    ax.set_xlabel("wall time relative to the full-step baseline (same round)")
+    ax.set_ylabel("FD-digits (lower is better)")
+    ax.set_title("step-compute plugins vs fewer steps" + (" (smoke)" if smoke else ""), fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot(run: dict, path: Path, smoke: bool) -> None:

@@ -68,3 +68,30 @@ def test_compare_only_without_a_baseline_says_how_to_make_one(tmp_path):
     assert result.returncode == 2, said(result)
     assert "no baseline" in result.stderr and "python benchmarks/nightly.py --smoke" in result.stderr, said(result)
     assert not (tmp_path / "r" / "report.md").exists()  # nothing ran
+
+
+def test_the_report_shows_quality_against_the_fewer_steps_frontier(tmp_path):
+    pytest.importorskip("matplotlib")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nightly", NIGHTLY)
+    nightly_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nightly_mod)
+
+    def config(name, plugins, time, fd, frontier_fd=None):
+        c = dict(config=name, plugins=plugins, frontier=frontier_fd is None, relative_time=time, fd_digits=fd,
+                 flops_per_image_run=1e9 * time)
+        if frontier_fd is not None:
+            c.update(frontier_fd_at_time=frontier_fd, beats_fewer_steps_frontier=fd < frontier_fd)
+        return c
+
+    configs = [config("DDIM 10", "none", 0.2, 1.5), config("DDIM 50", "none", 1.0, 1.0),
+               config("DDIM 50 + a", "a", 0.5, 1.1, frontier_fd=1.3125), config("DDIM 50 + b", "b", 0.5, 1.4, 1.3125)]
+    run = {"benchmarks": [{"extra_info": {"configs": configs}}]}
+    assert nightly_mod.frontier_sweep(run) == configs
+    table = "\n".join(nightly_mod.quality_vs_speed_lines(configs))
+    assert "| DDIM 50 + a | 2.00x | 0.50 | 1.100 | 1.312 | **yes** |" in table
+    assert "| DDIM 50 + b | 2.00x | 0.50 | 1.400 | 1.312 | no |" in table
+    nightly_mod.plot_quality_vs_speed(configs, tmp_path / "q.png", smoke=True)
+    assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert nightly_mod.frontier_sweep({"benchmarks": [{"extra_info": {}}]}) == []
