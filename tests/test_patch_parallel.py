@@ -196,3 +196,16 @@ def test_composes_with_step_and_precision_plugins(tiny_checkpoint, tmp_path, oth
     reference = one_process([*args, "--plugins", others], tmp_path)
     samples, _ = bands(2, args, "mode=sync", tmp_path, others)
     np.testing.assert_allclose(samples, reference, rtol=0, atol=atol)
+
+
+def test_displaced_with_deep_cache_uses_each_layers_newest_data(tiny_checkpoint, tmp_path):
+    """deep_cache leaves the deep layers out of its cached steps, so their last data is older
+    than one step; with warm-up through step 2 and a full step at 0, 2, 4 the displaced run
+    stays close to one process, and is exact through the warm-up."""
+    args = [*SAMPLE, "--checkpoint", str(tiny_checkpoint), "--num-images", "2"]
+    reference = one_process([*args, "--steps", "3", "--plugins", "deep_cache(interval=2)"], tmp_path)
+    samples, _ = bands(2, [*args, "--steps", "3"], "mode=displaced,warmup=2", tmp_path, "deep_cache(interval=2)")
+    np.testing.assert_allclose(samples, reference, rtol=0, atol=1e-4)
+    reference = one_process([*args, "--steps", "6", "--plugins", "deep_cache(interval=2)"], tmp_path)
+    samples, _ = bands(2, [*args, "--steps", "6"], "mode=displaced,warmup=2", tmp_path, "deep_cache(interval=2)")
+    assert np.isfinite(samples).all() and 1e-4 < np.abs(samples - reference).max() < 0.5

@@ -111,8 +111,11 @@ class Exchange:
         flight = self._in_flight.get(layer)
         if flight is not None:
             for landed_layer, delivery in self._land(flight).items():
-                self._latest[landed_layer] = delivery
-                del self._in_flight[landed_layer]
+                # A layer may be on a newer flight already (deep_cache skips layers for some steps,
+                # so an old flight can land late): only its newest message counts.
+                if self._in_flight.get(landed_layer) is flight:
+                    self._latest[landed_layer] = delivery
+                    del self._in_flight[landed_layer]
         if layer not in self._latest:
             raise RuntimeError(f"patch_parallel: layer {layer} has no data from an earlier step; "
                                "a displaced step must follow an exact one")
