@@ -45,7 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ddpm_perf.diffusion.samplers import DDIMSampler
 from ddpm_perf.diffusion.schedule import Diffusion
 from ddpm_perf.engine import SamplingEngine
-from ddpm_perf.model.checkpoint import load_checkpoint
+from ddpm_perf.model.checkpoint import default_checkpoint, load_checkpoint
 from ddpm_perf.model.unet import StepPlan, count_parameters
 from ddpm_perf.plugins import PluginHost
 
@@ -59,8 +59,12 @@ PLUGIN_SPECS = ("deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(
 
 
 def make_engine(checkpoint, spec: str, steps: int, batch: int) -> SamplingEngine:
+    host = PluginHost.from_spec(spec)
+    own = host.default_checkpoint()
+    if own is not None and checkpoint.path == default_checkpoint():
+        checkpoint = load_checkpoint(own)  # the plugin's own model (early_exit's fine-tuned one), as the CLI does
     sampler = DDIMSampler(Diffusion(checkpoint.schedule_config), steps, eta=0.0)
-    return SamplingEngine(checkpoint, sampler, PluginHost.from_spec(spec), batch_size=batch)
+    return SamplingEngine(checkpoint, sampler, host, batch_size=batch)
 
 
 def run_flops(engine: SamplingEngine) -> int:

@@ -50,7 +50,8 @@ from ddpm_perf.diffusion.schedule import ScheduleConfig
 from ddpm_perf.plugins import PluginHost
 from ddpm_perf.train import DataSpec, TrainConfig, Trainer
 
-SPECS = ("", "amp", "channels_last,amp", "checkpoint", "fused_norm", "fused_norm,amp", "fused_norm,fused_attention,amp")
+SPECS = ("", "amp", "channels_last,amp", "checkpoint", "fused_norm", "fused_norm,amp", "fused_norm,fused_attention,amp",
+         "amp,compile", "fused_norm,fused_attention,amp,compile")
 RSS_SPECS = ("", "checkpoint")  # the OS-level peak, in a fresh process: the specs that are about memory
 BATCH, SMOKE_BATCH = 16, 8
 # Timed pairs of steps: a cifar10 step at batch 16 takes ~4 s on the 2-core machines, so 5 pairs by
@@ -172,7 +173,8 @@ def eager_trainer(train_setup):
     return trainer, ref_batch, ref, flops, memory, {}
 
 
-@pytest.mark.parametrize("spec", [pytest.param(s, id=spec_id(s)) for s in SPECS])
+@pytest.mark.parametrize("spec", [pytest.param(s, id=spec_id(s), marks=[pytest.mark.compile] if "compile" in s else [])
+                                  for s in SPECS])
 def test_train_step(benchmark, bench, timing, train_setup, eager_trainer, spec):
     config_name, batch, data, out = train_setup
     eager, ref_batch, (ref_loss, ref_grad), flops, eager_memory, rss_cache = eager_trainer

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -209,3 +210,28 @@ def test_displaced_with_deep_cache_uses_each_layers_newest_data(tiny_checkpoint,
     reference = one_process([*args, "--steps", "6", "--plugins", "deep_cache(interval=2)"], tmp_path)
     samples, _ = bands(2, [*args, "--steps", "6"], "mode=displaced,warmup=2", tmp_path, "deep_cache(interval=2)")
     assert np.isfinite(samples).all() and 1e-4 < np.abs(samples - reference).max() < 0.5
+
+
+def test_layers_it_cannot_split_are_refused_not_computed_on_a_band():
+    from ddpm_perf_plugins.fused_norm import FusedNorm
+    from ddpm_perf_plugins.patch_parallel import split_into_bands
+    from ddpm_perf_plugins.patch_parallel.layers import Bands
+
+    bands = Bands(exchange=None, mode="sync", warmup=0, portion=0.3)  # the rewrite does not communicate
+    plain = split_into_bands(UNet(TINY).eval(), bands)
+    kinds = {type(m).__name__ for m in plain.modules()}
+    assert {"BandInput", "HaloConv2d", "BandNorm", "BandAttention", "BandDownsample"} <= kinds
+    # every original layer that looks across rows now sits inside its band version
+    for name, module in plain.named_modules():
+        across_rows = isinstance(module, (NormAct, AttnBlock)) or (
+            type(module) is torch.nn.Conv2d and module.kernel_size != (1, 1))
+        if across_rows:
+            parent = plain.get_submodule(name.rsplit(".", 1)[0]) if "." in name else plain
+            assert type(parent).__name__ in {"BandNorm", "BandAttention", "HaloConv2d", "BandInput"}, name
+    fused = FusedNorm().transform_model(UNet(TINY).eval(), ctx=SimpleNamespace(report=[], device=torch.device("cpu")))
+    with pytest.raises(UserError, match="cannot split FusedNormAct layers"):
+        split_into_bands(fused, bands)
+    odd = UNet(TINY).eval()
+    odd.blocks["mid_res0"].norm1 = torch.nn.BatchNorm2d(odd.blocks["mid_res0"].norm1.num_channels)
+    with pytest.raises(UserError, match="cannot split BatchNorm2d layers"):
+        split_into_bands(odd, bands)

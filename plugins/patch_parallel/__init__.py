@@ -33,31 +33,37 @@ from .exchange import KINDS, Exchange
 from .layers import BandAttention, BandDownsample, BandInput, Bands, BandNorm, HaloConv2d
 
 
+# Layers that work on a band as they are: pointwise in space (1x1 convs are checked apart).
+ROW_LOCAL = (nn.Linear, nn.SiLU, nn.Dropout, nn.Identity)
+
+
 def split_into_bands(model: UNet, bands: Bands) -> UNet:
-    """Replace, in place, every layer that looks across rows by its band version."""
+    """Replace, in place, every layer that looks across rows by its band version. Any other
+    layer must be known to work on a band as it is; an unknown one (another plugin's) is refused
+    rather than silently computed on the band alone."""
     layer = iter(range(1 << 30))  # ids in module order: the same on every rank
 
     def rewrite(parent: nn.Module) -> None:
         for name, child in parent.named_children():
             if parent is model and name == "conv_in":
                 new = BandInput(child, bands)
-            elif isinstance(child, AttnBlock):
+            elif type(child) is AttnBlock:
                 rewrite(child)
                 new = BandAttention(child, bands, next(layer))
-            elif isinstance(child, Downsample):
+            elif type(child) is Downsample:
                 new = BandDownsample(child, bands, next(layer))
             elif type(child) is NormAct:
                 new = BandNorm(child, bands, next(layer))
-            elif type(child) is nn.Conv2d and child.kernel_size[0] > 1:
+            elif type(child) is nn.Conv2d and child.kernel_size != (1, 1):
                 pad = child.padding[0]
                 if child.stride[0] != 1 or child.padding_mode != "zeros" or isinstance(pad, str):
                     raise UserError(f"plugin patch_parallel: cannot split conv {name} ({child})")
                 new = HaloConv2d(child, bands, next(layer), top=pad, bottom=pad, pad_width=child.padding[1])
-            elif isinstance(child, (nn.Conv2d, nn.GroupNorm)) and not (
-                    type(child) is nn.Conv2d and child.kernel_size == (1, 1)):
-                # a layer another plugin put there (fused, quantised...): its rows cannot be split
-                raise UserError(f"plugin patch_parallel: cannot split {type(child).__name__} layers "
-                                "(from another plugin); drop that plugin")
+            elif type(child) is nn.Conv2d or isinstance(child, ROW_LOCAL):
+                continue
+            elif next(child.children(), None) is None or isinstance(child, (nn.Conv2d, nn.GroupNorm)):
+                raise UserError(f"plugin patch_parallel: cannot split {type(child).__name__} layers (another "
+                                "plugin's?); drop that plugin or list it after patch_parallel")
             else:
                 rewrite(child)
                 continue
