@@ -31,8 +31,8 @@ from ddpm_perf.engine import SamplingEngine, initial_noise
 from ddpm_perf.model.unet import StepPlan
 from ddpm_perf.plugins import PluginHost
 
-SPECS = ("", "channels_last", "amp", "amp(weights=true)", "channels_last,amp", "compile",
-         "channels_last,amp,compile",
+SPECS = ("", "channels_last", "amp", "amp(weights=true)", "channels_last,amp", "channels_last,amp(weights=true)",
+         "compile", "channels_last,amp,compile", "channels_last,amp(weights=true),compile",
          # the kernel plugins (issue: fused_norm,int8 >= 3x eager fp32), alone and stacked
          "fused_norm", "fused_attention", "int8", "fused_norm,int8", "fused_norm,fused_attention,int8",
          "channels_last,fused_norm,fused_attention,int8", "fused_norm,int8,amp(weights=true)",
