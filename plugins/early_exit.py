@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ddpm_perf.errors import RunWarning, UserError
+from ddpm_perf.model.checkpoint import trained_with
 from ddpm_perf.hooks import hookimpl
 from ddpm_perf.model.unet import StepPlan
 from ddpm_perf.plugins import Option, Phase, Plugin, split_spec
@@ -77,11 +78,10 @@ class EarlyExit(Plugin):
         return t * self.opts.buckets // self._num_timesteps
 
     def default_checkpoint(self) -> Path | None:
-        """The embedded digits model fine-tuned with the default schedule (README, "Models")."""
-        if self.spec != EarlyExit().spec:  # fine-tuned for the defaults only
-            return None
+        """The embedded digits model fine-tuned for early_exit (README, "Models"), if it was
+        fine-tuned with these options."""
         path = Path(str(resources.files("ddpm_perf_plugins") / "assets" / FINE_TUNED))
-        return path if path.is_file() else None
+        return path if path.is_file() and self.spec in split_spec(trained_with(path)) else None
 
     @hookimpl
     def configure(self, ctx):
@@ -89,9 +89,9 @@ class EarlyExit(Plugin):
         if self.opts.levels > c.num_levels:
             raise UserError(f"plugin early_exit: levels={self.opts.levels} exceeds the model's {c.num_levels}")
         self._num_timesteps = ctx.diffusion.num_timesteps
-        trained_with = split_spec(ctx.trained_with)
-        if ctx.mode == "sample" and self.spec not in trained_with:
-            trained = next((p for p in trained_with if p.startswith(f"{self.name}(")), None)
+        tuned_with = split_spec(ctx.trained_with)
+        if ctx.mode == "sample" and self.spec not in tuned_with:
+            trained = next((p for p in tuned_with if p.startswith(f"{self.name}(")), None)
             why = (f"the weights were fine-tuned with {trained}" if trained else
                    f"the weights were trained with {ctx.trained_with}, not early_exit" if ctx.trained_with else
                    "the checkpoint records no fine-tuning with early_exit")
