@@ -27,6 +27,7 @@ PLUGINS = {
     "fused_norm": "ddpm_perf_plugins.fused_norm:FusedNorm",
     "int8": "ddpm_perf_plugins.int8:Int8",
     "fused_attention": "ddpm_perf_plugins.fused_attention:FusedAttention",
+    "step_aware": "ddpm_perf_plugins.step_aware:StepAware",
 }
 
 
@@ -78,7 +79,7 @@ setup(
     packages=["ddpm_perf", "ddpm_perf.model", "ddpm_perf.diffusion", "ddpm_perf.data", "ddpm_perf.metrics",
               "ddpm_perf.ops", "ddpm_perf_plugins", "ddpm_perf_triton"],
     package_dir={"ddpm_perf": "ddpm_perf", "ddpm_perf_plugins": "plugins", "ddpm_perf_triton": "triton_kernels"},
-    package_data={"ddpm_perf": ["assets/*.safetensors", "assets/*.int8.json"]},
+    package_data={"ddpm_perf": ["assets/*.safetensors", "assets/*.int8.json", "assets/*.step_aware.json"]},
     install_requires=[
         "torch>=2.4",  # install the build you want first (the Makefile pins the CPU build)
         "numpy", "click>=8", "pluggy>=1.3", "safetensors>=0.4", "tqdm", "pillow",

@@ -55,6 +55,9 @@ class RunContext:
     checkpoint: str | None = None  # path of the checkpoint the model came from, if any
     grad_scaler: "torch.amp.GradScaler | None" = None  # training: set by a plugin (fp16 autocast)
     report: list[str] = field(default_factory=list)
+    # training: JSON-able facts a plugin records in the run's checkpoints, by plugin name (for
+    # example the widths a slimmable model was trained for); saved as train metadata "plugins"
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
