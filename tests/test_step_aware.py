@@ -271,3 +271,19 @@ def test_search_finds_a_schedule_within_budget(slim_checkpoint, tmp_path):
     widths = [plugin.schedule.width_at(t) for t in eng.sampler.timesteps]
     assert plugin.flops_fraction(widths) == pytest.approx(schedule.search["flops_fraction"])
     assert plugin.flops_fraction(widths) <= 0.5
+
+
+def test_stacks_with_early_exit_and_channels_last(slim_checkpoint):
+    write_schedule(str(slim_checkpoint) + ".step_aware.json", slim_checkpoint, SEGMENTS)
+    eng = engine(slim_checkpoint, "step_aware,early_exit(max_skip=1.0),channels_last")
+    out = eng.sample(4, seed=5)
+    skips = next(p for p in eng.plugins.plugins if p.name == "early_exit").skips
+    model, diffusion = load_checkpoint(slim_checkpoint).build()
+    make_slimmable(model, WIDTHS)
+    ref = make_sampler("ddim", diffusion, 6)
+    x = initial_noise(4, (1, 16, 16), 5)
+    with torch.no_grad():
+        for i, t in enumerate(ref.timesteps):
+            eps = model(x, torch.full((4,), t), StepPlan(width=expected_width(t), skip=skips[t * 5 // 1000]))
+            x = ref.step(i, eps, x)
+    torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
