@@ -409,6 +409,9 @@ class StepAware(Plugin):
 
     @hookimpl
     def transform_model(self, model, ctx):
+        if not isinstance(model, UNet):
+            raise UserError(f"plugin step_aware: the model is already wrapped ({type(model).__name__}); "
+                            "list step_aware before the other rewrite plugins")
         if ctx.mode == "sample" and self.checkpoint_path != Path(ctx.checkpoint):
             from ddpm_perf.model.checkpoint import load_checkpoint
 

@@ -3,6 +3,7 @@ on every sampler, sandwich training, schedules (JSON and errors) and the search.
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -287,3 +288,26 @@ def test_stacks_with_early_exit_and_channels_last(slim_checkpoint):
             eps = model(x, torch.full((4,), t), StepPlan(width=expected_width(t), skip=skips[t * 5 // 1000]))
             x = ref.step(i, eps, x)
     torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-4, atol=1e-4)
+
+
+def test_cli_fine_tunes_the_embedded_model_and_samples_it(tmp_path):
+    from ddpm_perf.model.checkpoint import default_checkpoint
+
+    runner, run = CliRunner(), tmp_path / "run"
+    result = runner.invoke(main, ["train", "--config", "digits", "--init", str(default_checkpoint()), "--plugins",
+                                  "step_aware(widths=1:0.5)", "--steps", "1", "--batch-size", "2", "--warmup", "1",
+                                  "--out", str(run), "--no-progress"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    ckpt = run / "checkpoint.safetensors"
+    assert load_checkpoint(ckpt).train_meta["plugins"]["step_aware"]["widths"] == [1.0, 0.5]
+    result = runner.invoke(main, ["sample", "--checkpoint", str(ckpt), "--plugins", "step_aware(width=0.5)",
+                                  "--steps", "2", "-n", "2", "--out", str(tmp_path / "x.png"), "--no-progress"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    saved = re.search(r"step_aware: widths 0.5x2 over 2 steps; (\d+)% fewer FLOPs", result.output)
+    assert saved and 65 <= int(saved.group(1)) <= 80, result.output  # about 1 - 0.5^2
+    result = runner.invoke(main, ["sample", "--checkpoint", str(ckpt), "--plugins", "step_aware(width=0.25)",
+                                  "--steps", "2", "-n", "2", "--out", str(tmp_path / "x.png")])
+    assert_user_error(result, "width=0.25 is not one the model was trained for")
+    result = runner.invoke(main, ["train", "--config", "digits", "--plugins", "early_exit,step_aware",
+                                  "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "r2")])
+    assert_user_error(result, "list step_aware before")
