@@ -349,7 +349,9 @@ def search() -> None:
 @click.option("--penalty", type=float, default=0.0, show_default=True,
               help="Fitness = FD-digits + PENALTY x FLOPs fraction (with or instead of --budget).")
 @click.option("--batch-size", type=int, default=128, show_default=True, callback=positive)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Seed of the search's images; the schedule is picked on them, so judge it on another "
+                   "seed (sampling's default is 0).")
 @device_option
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Schedule JSON (default: <checkpoint>.step_aware.json, where step_aware looks for it).")

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import json
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -296,12 +297,14 @@ class Schedule:
         return cls(segments, tuple(widths), fingerprint, num_train_timesteps)
 
     def to_json(self) -> str:
-        return json.dumps({
+        text = json.dumps({
             "format": FORMAT, "fingerprint": self.fingerprint, "widths": list(self.widths),
             "num_train_timesteps": self.num_train_timesteps,
             "segments": [[s.t_start, s.t_stop, s.width] for s in self.segments],
             "search": self.search,
         }, indent=1)
+        # lists of numbers on one line each: a segment per line, the timesteps on one line
+        return re.sub(r"\[\s+([^\[\]{}]*?)\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]", text)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -502,7 +505,7 @@ class StepAware(Plugin):
     @classmethod
     def search(cls, checkpoint: str | Path, sampler_name: str, steps: int, segments: int = 10,
                population: int = 8, generations: int = 4, images: int = 256, batch_size: int = 128,
-               budget: float | None = 0.6, penalty: float = 0.0, seed: int = 0, out: str | Path | None = None,
+               budget: float | None = 0.6, penalty: float = 0.0, seed: int = 1, out: str | Path | None = None,
                device: str | torch.device = "cpu", log: Callable[[str], None] = print) -> Schedule:
         """Evolutionary search of a width per segment of the sampler's steps (``ddpm-perf search step-aware``)."""
         from ddpm_perf.diffusion.samplers import make_sampler
