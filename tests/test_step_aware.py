@@ -311,3 +311,23 @@ def test_cli_fine_tunes_the_embedded_model_and_samples_it(tmp_path):
     result = runner.invoke(main, ["train", "--config", "digits", "--plugins", "early_exit,step_aware",
                                   "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "r2")])
     assert_user_error(result, "list step_aware before")
+
+
+def test_the_embedded_model_defaults_to_its_shipped_slimmable_twin(tmp_path, monkeypatch):
+    from ddpm_perf.model.checkpoint import default_checkpoint
+
+    import ddpm_perf_plugins.step_aware as step_aware
+
+    embedded = load_checkpoint(default_checkpoint())
+    twin = {k: v + 0.01 for k, v in embedded.weights.items()}  # other weights, to see which are used
+    path = save_checkpoint(tmp_path / "digits_slim.safetensors", embedded.model_config, embedded.schedule_config,
+                           twin, train_meta=SLIM_META)
+    write_schedule(str(path) + ".step_aware.json", path, [(0, 500, 1.0), (500, 1000, 0.5)])
+    monkeypatch.setattr(step_aware, "shipped_checkpoint", lambda: path)
+    eng = engine(default_checkpoint(), "step_aware", steps=2, batch=2)
+    assert any(str(path) in line for line in eng.ctx.report)
+    assert torch.equal(eng.model.conv_in.weight, twin["conv_in.weight"])
+    assert eng.plugins.plugins[0].schedule.width_at(900) == 0.5
+    monkeypatch.setattr(step_aware, "shipped_checkpoint", lambda: tmp_path / "absent.safetensors")
+    with pytest.raises(UserError, match="was not trained slimmable"):
+        engine(default_checkpoint(), "step_aware", steps=2, batch=2)
