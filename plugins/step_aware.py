@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +150,40 @@ class SlimNormAct(_Slim, NormAct):
         return F.silu(y) if self.silu else y
 
 
+class _SlimOtherNorm(SlimNormAct):
+    """Slim version of a NormAct subclass another plugin installed (fused_norm's FusedNormAct):
+    that class's own forward, run on a view of the parameters at this width."""
+
+    _norm_forward: Callable
+
+    def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
+        width = self.slim_state.width
+        if width == 1.0:
+            return self._norm_forward(self, x, shift)
+        sliced = SimpleNamespace(weight=slice_segments(self.weight, 0, self.slim_in, width),
+                                 bias=slice_segments(self.bias, 0, self.slim_in, width),
+                                 num_groups=active(self.num_groups, width), eps=self.eps, silu=self.silu)
+        return self._norm_forward(sliced, x, shift)
+
+
 SLIM_CLASSES = {nn.Conv2d: SlimConv2d, nn.Linear: SlimLinear, NormAct: SlimNormAct}
+
+
+def slim_class(module: nn.Module) -> type | None:
+    """The slim class for a layer; a NormAct subclass another plugin installed (fused_norm's
+    FusedNormAct) gets a slim subclass of its own that keeps its forward."""
+    base = type(module)
+    if base in SLIM_CLASSES:
+        return SLIM_CLASSES[base]
+    if isinstance(module, NormAct) and not isinstance(module, _Slim):
+        if base not in _SLIM_NORMS:
+            _SLIM_NORMS[base] = type(f"Slim{base.__name__}", (_SlimOtherNorm, base),
+                                     {"_norm_forward": staticmethod(base.forward)})
+        return _SLIM_NORMS[base]
+    return None
+
+
+_SLIM_NORMS: dict[type, type] = {}
 
 
 def check_widths(widths: Sequence[float], num_groups: int, what: str) -> tuple[float, ...]:
@@ -170,7 +204,7 @@ def make_slimmable(model: UNet, widths: Sequence[float]) -> WidthState:
     state = WidthState()
 
     def slim(module: nn.Module, where: str, segments: tuple[int, ...] | None, slim_out: bool = True) -> None:
-        cls = SLIM_CLASSES.get(type(module))
+        cls = slim_class(module)
         if cls is None:
             raise UserError(f"plugin step_aware: {where} is a {type(module).__name__}, not a plain Conv2d, "
                             "Linear or NormAct; list step_aware before plugins that replace layers")
@@ -210,7 +244,7 @@ def make_slimmable(model: UNet, widths: Sequence[float]) -> WidthState:
             stack.append(channels)
     slim(model.norm_out, "norm_out", (channels,))
     slim(model.conv_out, "conv_out", (channels,), slim_out=False)  # the predicted noise keeps its channels
-    missed = [n for n, m in model.named_modules() if type(m) in SLIM_CLASSES]
+    missed = [n for n, m in model.named_modules() if type(m) in SLIM_CLASSES or slim_class(m) is not None]
     if missed:  # a layer the walk above does not know would silently stay full width
         raise UserError(f"plugin step_aware: layers it cannot place: {', '.join(missed[:3])}")
 
@@ -362,9 +396,9 @@ class StepAware(Plugin):
         "widths": Option(str, DEFAULT_WIDTHS, "training: the widths to train, ':'-separated (1 included)"),
         "middle": Option(int, 1, "training: random middle widths per step besides the largest and smallest"),
     }
-    # deep_cache: a cached feature has the width of its full step; int8 and fused_norm replace the
-    # layers this plugin slims (by type); cuda_graphs would replay one width.
-    conflicts = ("cuda_graphs", "deep_cache", "fused_norm", "int8")
+    # deep_cache: a cached feature has the width of its full step; int8 replaces the convolutions
+    # this plugin slims; cuda_graphs would replay one width. fused_norm stacks when listed first.
+    conflicts = ("cuda_graphs", "deep_cache", "int8")
 
     def __init__(self, **values):
         super().__init__(**values)
@@ -376,6 +410,7 @@ class StepAware(Plugin):
         if self.opts.middle < 0:
             raise UserError(f"plugin step_aware: middle={self.opts.middle} must be >= 0")
         self.state: WidthState | None = None
+        self.model: UNet | None = None
         self.trained: tuple[float, ...] = ()
         self.flops: dict[float, int] = {}
         self.schedule: Schedule | None = None
@@ -427,12 +462,22 @@ class StepAware(Plugin):
         if ctx.mode == "sample":
             self.fingerprint = fingerprint(model)
         self.state = make_slimmable(model, self.trained)
+        self.model = model
         if ctx.mode == "sample":
             self.flops = flops_per_width(model, self.trained)
         return model
 
+    def _check_still_slim(self, model: nn.Module) -> None:
+        """A plugin that ran after this one may have replaced slim layers with full-width ones."""
+        replaced = [n for n, m in model.named_modules()
+                    if isinstance(m, (nn.Conv2d, nn.Linear, nn.GroupNorm)) and not isinstance(m, _Slim)]
+        if replaced:
+            raise UserError(f"plugin step_aware: a later plugin replaced slimmable layers ({replaced[0]}, ...); "
+                            "list fused_norm before step_aware")
+
     @hookimpl
     def calibrate(self, engine, ctx):
+        self._check_still_slim(self.model)
         if self.opts.width:
             self.schedule = Schedule([Segment(0, ctx.diffusion.num_timesteps, self.opts.width)], self.trained,
                                      self.fingerprint, ctx.diffusion.num_timesteps)
@@ -471,6 +516,7 @@ class StepAware(Plugin):
 
     @hookimpl
     def wrap_train_step(self, fn, ctx):
+        self._check_still_slim(self.model)
         largest, smallest, middle = self.trained[0], self.trained[-1], list(self.trained[1:-1])
         num_timesteps = ctx.diffusion.num_timesteps
 

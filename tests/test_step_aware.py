@@ -331,3 +331,13 @@ def test_the_embedded_model_defaults_to_its_shipped_slimmable_twin(tmp_path, mon
     monkeypatch.setattr(step_aware, "shipped_checkpoint", lambda: tmp_path / "absent.safetensors")
     with pytest.raises(UserError, match="was not trained slimmable"):
         engine(default_checkpoint(), "step_aware", steps=2, batch=2)
+
+
+def test_stacks_with_fused_norm_listed_first(slim_checkpoint):
+    write_schedule(str(slim_checkpoint) + ".step_aware.json", slim_checkpoint, SEGMENTS)
+    fused = engine(slim_checkpoint, "fused_norm,step_aware")
+    assert type(fused.model.norm_out).__name__ == "SlimFusedNormAct"
+    torch.testing.assert_close(fused.sample(4, seed=2), engine(slim_checkpoint, "step_aware").sample(4, seed=2),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="list fused_norm before step_aware"):
+        engine(slim_checkpoint, "step_aware,fused_norm")
