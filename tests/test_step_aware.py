@@ -341,3 +341,16 @@ def test_stacks_with_fused_norm_listed_first(slim_checkpoint):
                                rtol=1e-4, atol=1e-4)
     with pytest.raises(UserError, match="list fused_norm before step_aware"):
         engine(slim_checkpoint, "step_aware,fused_norm")
+
+
+def test_search_with_a_penalty_and_an_impossible_budget(slim_checkpoint, tmp_path):
+    runner, out = CliRunner(), tmp_path / "p.json"
+    common = ["search", "step-aware", "--checkpoint", str(slim_checkpoint), "--steps", "4", "--segments", "2",
+              "--population", "4", "--generations", "0", "--images", "16", "--batch-size", "16"]
+    result = runner.invoke(main, common + ["--budget", "0", "--penalty", "1000", "--out", str(out)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    # a FLOPs penalty this large outweighs any FD difference: of the first population (the four
+    # uniform schedules), the narrowest wins
+    assert {s.width for s in Schedule.load(out).segments} == {0.25}
+    assert_user_error(runner.invoke(main, common + ["--budget", "0.01"]), "no schedule fits 1% of the FLOPs")
+    assert_user_error(runner.invoke(main, common + ["--budget", "0"]), "give a FLOPs --budget, a --penalty")
