@@ -340,8 +340,10 @@ def search() -> None:
               help="Sampler steps (default: ddpm 1000, ddim 50, dpmpp 20).")
 @click.option("--segments", type=int, default=10, show_default=True, callback=positive,
               help="Contiguous groups of steps, one width each (the genome).")
-@click.option("--population", type=int, default=8, show_default=True, callback=positive)
-@click.option("--generations", type=int, default=4, show_default=True)
+@click.option("--population", type=int, default=8, show_default=True, callback=positive,
+              help="Schedules per generation (the first holds the uniform widths and full-near-data ramps).")
+@click.option("--generations", type=int, default=4, show_default=True,
+              help="Generations after the first (tournament, one-point crossover, mutation, 2 elites).")
 @click.option("--images", type=int, default=256, show_default=True, callback=positive,
               help="Images per FD-digits evaluation (same seed for every schedule).")
 @click.option("--budget", type=float, default=0.6, show_default=True,
