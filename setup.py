@@ -28,6 +28,7 @@ PLUGINS = {
     "int8": "ddpm_perf_plugins.int8:Int8",
     "fused_attention": "ddpm_perf_plugins.fused_attention:FusedAttention",
     "patch_parallel": "ddpm_perf_plugins.patch_parallel:PatchParallel",
+    "step_aware": "ddpm_perf_plugins.step_aware:StepAware",
 }
 
 
@@ -79,8 +80,7 @@ setup(
     packages=["ddpm_perf", "ddpm_perf.model", "ddpm_perf.diffusion", "ddpm_perf.data", "ddpm_perf.metrics",
               "ddpm_perf.ops", "ddpm_perf_plugins", "ddpm_perf_plugins.patch_parallel", "ddpm_perf_triton"],
     package_dir={"ddpm_perf": "ddpm_perf", "ddpm_perf_plugins": "plugins", "ddpm_perf_triton": "triton_kernels"},
-    package_data={"ddpm_perf": ["assets/*.safetensors", "assets/*.int8.json"],
-                  "ddpm_perf_plugins": ["assets/*.safetensors"]},
+    package_data={"ddpm_perf": ["assets/*.safetensors", "assets/*.int8.json", "assets/*.step_aware.json"]},
     install_requires=[
         "torch>=2.4",  # install the build you want first (the Makefile pins the CPU build)
         "numpy", "click>=8", "pluggy>=1.3", "safetensors>=0.4", "tqdm", "pillow",

@@ -6,7 +6,9 @@ of 128; smoke: 16 images, one batch of 16):
 
 * the "fewer steps" frontier: DDIM (eta 0) at 10, 20, 30, 50 steps (smoke: 2, 4), no plugins;
 * DDIM 50 (smoke: 4) with ``deep_cache(interval=2)``, ``deep_cache(interval=3)``,
-  ``deep_cache(interval=5)``, ``early_exit`` and ``deep_cache(interval=3),amp``.
+  ``deep_cache(interval=5)``, ``early_exit`` and ``deep_cache(interval=3),amp``; on the embedded
+  model, where the shipped slimmable model exists, also ``step_aware(width=1)``, ``step_aware``
+  and ``step_aware,amp`` (they sample ``digits_slim.safetensors`` and its searched schedule).
 
 DDIM 50 without plugins (the frontier's last point) is the baseline. Every configuration is
 timed once per round (full: 2 rounds, smoke: 1), in alternating order (forward, then reversed),
@@ -57,12 +59,20 @@ SMOKE = dict(images=16, batch=16, frontier=(2, 4), rounds=1)
 PLUGIN_SPECS = ("deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)", "early_exit",
                 "deep_cache(interval=3),amp")
 
+# step_aware without a checkpoint of its own samples the shipped slimmable model (digits_slim.safetensors) with
+# its searched schedule; width=1 is that model at full width (the fine-tuned weights, no savings).
+STEP_AWARE_SPECS = ("step_aware(width=1)", "step_aware", "step_aware,amp")
+
+
+def step_aware_shipped(path) -> bool:
+    return path == default_checkpoint() and PluginHost.from_spec("step_aware").default_checkpoint() is not None
+
 
 def make_engine(checkpoint, spec: str, steps: int, batch: int) -> SamplingEngine:
     host = PluginHost.from_spec(spec)
     own = host.default_checkpoint()
     if own is not None and checkpoint.path == default_checkpoint():
-        checkpoint = load_checkpoint(own)  # the plugin's own model (early_exit's fine-tuned one), as the CLI does
+        checkpoint = load_checkpoint(own)  # the plugin's own model (step_aware's slimmable one), as the CLI does
     sampler = DDIMSampler(Diffusion(checkpoint.schedule_config), steps, eta=0.0)
     return SamplingEngine(checkpoint, sampler, host, batch_size=batch)
 
@@ -97,7 +107,8 @@ def test_step_compute_frontier(benchmark, timing, bench):
 
     # (name, spec, steps): the frontier first; its last point (DDIM max, no plugins) is the baseline
     configs = [(f"DDIM {s}", "", s) for s in size["frontier"]]
-    configs += [(f"DDIM {full_steps} + {spec}", spec, full_steps) for spec in PLUGIN_SPECS]
+    specs = PLUGIN_SPECS + (STEP_AWARE_SPECS if step_aware_shipped(path) else ())
+    configs += [(f"DDIM {full_steps} + {spec}", spec, full_steps) for spec in specs]
     baseline = f"DDIM {full_steps}"
     engines = {name: make_engine(checkpoint, spec, steps, batch) for name, spec, steps in configs}
     for engine in engines.values():  # first-call costs outside the timed runs
@@ -169,5 +180,6 @@ def test_step_compute_frontier(benchmark, timing, bench):
     assert all(torch.isfinite(x).all() for x in images.values())
     assert base["rel_dev"] == 0.0
     # the step-compute savers do less work per image than the baseline
-    for name in ("deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)", "early_exit"):
+    savers = ["deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)", "early_exit"]
+    for name in savers + (["step_aware"] if step_aware_shipped(path) else []):
         assert records[f"DDIM {full_steps} + {name}"]["flops_per_image_run"] < base["flops_per_image_run"], name

@@ -95,7 +95,7 @@ device_option = click.option("--device", default="cpu", show_default=True, help=
 @main.command()
 @click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
               help="A ddpm-perf .safetensors checkpoint (default: the embedded digits model, or the model a "
-                   "plugin brings: early_exit's fine-tuned one).")
+                   "plugin brings: step_aware's slimmable one).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp"]), default="ddim", show_default=True)
 @click.option("--steps", type=int, default=None, callback=positive,
               help="Sampler steps (default: ddpm 1000, ddim 50, dpmpp 20).")
@@ -286,8 +286,11 @@ def convert(source, dest, dtype):
         ckpt = load_diffusers(source)
     else:
         ckpt = load_checkpoint(source)
-    save_checkpoint(dest, ckpt.model_config, ckpt.schedule_config, ckpt.weights, dtype=getattr(torch, dtype),
-                    trained_with=ckpt.trained_with)
+    # what the weights were trained with, and what plugins recorded about them (e.g. step_aware's
+    # trained widths), stays with them
+    plugins_meta = {"plugins": ckpt.train_meta["plugins"]} if "plugins" in ckpt.train_meta else None
+    save_checkpoint(dest, ckpt.model_config, ckpt.schedule_config, ckpt.weights, train_meta=plugins_meta,
+                    dtype=getattr(torch, dtype), trained_with=ckpt.trained_with)
     click.echo(f"wrote {dest} ({dest.stat().st_size / 2**20:.1f} MiB, {dtype})")
 
 
@@ -344,6 +347,54 @@ def fid(source, reference, inception, digits, save_stats, batch_size, device):
     for w in caught:
         click.echo(f"ddpm-perf: note: {w.message}", err=True)
     click.echo(f"{space.label}: {distance:.3f}")
+
+
+@main.group()
+def search() -> None:
+    """Search plugin schedules on the model and sampler you sample with."""
+
+
+@search.command("step-aware")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="A slimmable checkpoint (trained with --plugins step_aware); default: the shipped "
+                   "slimmable digits model.")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp"]), default="ddim", show_default=True)
+@click.option("--steps", type=int, default=None, callback=positive,
+              help="Sampler steps (default: ddpm 1000, ddim 50, dpmpp 20).")
+@click.option("--segments", type=int, default=10, show_default=True, callback=positive,
+              help="Contiguous groups of steps, one width each (the genome).")
+@click.option("--population", type=int, default=8, show_default=True, callback=positive,
+              help="Schedules per generation (the first holds the uniform widths and full-near-data ramps).")
+@click.option("--generations", type=int, default=4, show_default=True,
+              help="Generations after the first (tournament, one-point crossover, mutation, 2 elites).")
+@click.option("--images", type=int, default=256, show_default=True, callback=positive,
+              help="Images per FD-digits evaluation (same seed for every schedule).")
+@click.option("--budget", type=float, default=0.6, show_default=True,
+              help="Most FLOPs a schedule may use, as a fraction of the full model's (0: no budget).")
+@click.option("--penalty", type=float, default=0.0, show_default=True,
+              help="Fitness = FD-digits + PENALTY x FLOPs fraction (with or instead of --budget).")
+@click.option("--batch-size", type=int, default=128, show_default=True, callback=positive)
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Seed of the search's images; the schedule is picked on them, so judge it on another "
+                   "seed (sampling's default is 0).")
+@device_option
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Schedule JSON (default: <checkpoint>.step_aware.json, where step_aware looks for it).")
+def search_step_aware(checkpoint, sampler, steps, segments, population, generations, images, budget, penalty,
+                      batch_size, seed, device, out):
+    """Evolutionary search of step_aware's width per timestep segment: fitness FD-digits under a FLOPs
+    budget (or with a FLOPs penalty), on this sampler and step count."""
+    from .plugins import discover
+
+    info = discover().get("step_aware")
+    cls = info.load() if info else None
+    if cls is None:
+        raise UserError("the step_aware plugin is not installed here" + (f" ({info.error})" if info else ""))
+    checkpoint = checkpoint or cls.default_search_checkpoint()
+    if out is not None and not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    cls.search(checkpoint, sampler, steps or DEFAULT_STEPS[sampler], segments, population, generations, images,
+               batch_size, budget or None, penalty, seed, out, resolve_device(device), log=click.echo)
 
 
 @main.command("plugins")

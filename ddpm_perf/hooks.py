@@ -59,6 +59,9 @@ class RunContext:
     # Under torchrun, whether the ranks split the samples between them (data parallel). A plugin
     # that splits each image over the ranks instead (patch_parallel) sets it False in configure.
     data_parallel: bool = True
+    # training: JSON-able facts a plugin records in the run's checkpoints, by plugin name (for
+    # example the widths a slimmable model was trained for); saved as train metadata "plugins"
+    checkpoint_meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -133,6 +133,8 @@ class Trainer:
                 "data": dataclasses.asdict(self.data), "param_groups": optim["param_groups"]}
         if self.ctx.grad_scaler is not None:
             meta["grad_scaler"] = self.ctx.grad_scaler.state_dict()
+        if self.ctx.checkpoint_meta:
+            meta["plugins"] = self.ctx.checkpoint_meta
         return save_checkpoint(self.checkpoint_path, self.net.config, self.schedule_config,
                                self.ema.state_dict(), tensors, meta, trained_with=self.plugins.spec)
 

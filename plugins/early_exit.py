@@ -11,14 +11,11 @@ units its timestep would skip (the batch is split by schedule bucket).
 from __future__ import annotations
 
 import warnings
-from importlib import resources
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ddpm_perf.errors import RunWarning, UserError
-from ddpm_perf.model.checkpoint import trained_with
 from ddpm_perf.hooks import hookimpl
 from ddpm_perf.model.unet import StepPlan
 from ddpm_perf.plugins import Option, Phase, Plugin, split_spec
@@ -52,9 +49,6 @@ class TimeGroupedSkip(nn.Module):
         return out
 
 
-FINE_TUNED = "digits_early_exit.safetensors"
-
-
 class EarlyExit(Plugin):
     name = "early_exit"
     description = "ASE early exit: skip deep U-Net units on a time schedule, more near pure noise."
@@ -76,12 +70,6 @@ class EarlyExit(Plugin):
 
     def bucket_of(self, t):
         return t * self.opts.buckets // self._num_timesteps
-
-    def default_checkpoint(self) -> Path | None:
-        """The embedded digits model fine-tuned for early_exit (README, "Models"), if it was
-        fine-tuned with these options."""
-        path = Path(str(resources.files("ddpm_perf_plugins") / "assets" / FINE_TUNED))
-        return path if path.is_file() and self.spec in split_spec(trained_with(path)) else None
 
     @hookimpl
     def configure(self, ctx):

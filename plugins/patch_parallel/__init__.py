@@ -96,8 +96,9 @@ class PatchParallel(Plugin):
         "portion": Option(float, 0.3, "pcpp: fraction of each neighbour's positions that attention sees"),
         "bucket_mib": Option(float, 1.0, "displaced, pcpp: data queued before an asynchronous send"),
     }
-    # Each of these replaces the norm, attention or conv layers with ones that see the whole image.
-    conflicts = ("fused_norm", "fused_attention", "int8", "compile", "cuda_graphs")
+    # Each of these replaces the norm, attention or conv layers with its own (that see the whole image,
+    # or a slice of the channels), or compiles or captures the step with its collectives inside.
+    conflicts = ("fused_norm", "fused_attention", "int8", "step_aware", "compile", "cuda_graphs")
 
     def __init__(self, **values):
         super().__init__(**values)
