@@ -76,7 +76,7 @@ class Exchange:
         # Asynchronous traffic gets its own group: the blocking collectives of exact layers and of
         # the output gather must not queue behind a bucket still on the wire.
         self.async_group = dist.new_group(backend=dist.get_backend(), timeout=timeout)
-        self.sent: dict[str, int] = defaultdict(int)  # bytes this rank sent, by kind, since reset_counts
+        self.sent: dict[str, int] = defaultdict(int)  # bytes this rank has sent, by kind (KINDS)
         self._queue: list[Message] = []
         self._queued_bytes = 0
         self._in_flight: dict[int, _Flight] = {}  # layer -> the flight carrying its last message
