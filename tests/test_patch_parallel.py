@@ -28,11 +28,12 @@ from ddpm_perf_plugins.patch_parallel import check_geometry
 SAMPLE = ["sample", "--num-images", "3", "--batch-size", "2", "--sampler", "ddim", "--eta", "1", "--no-progress"]
 
 
-def torchrun(n: int, args: list[str], cwd, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-           "-m", "ddpm_perf", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+def torchrun(n: int, args: list[str], cwd, script=None, **env) -> subprocess.CompletedProcess:
+    """``ddpm-perf args`` on n ranks, or the Python file ``script`` (which sets its own arguments)."""
+    target = [str(script)] if script else ["-m", "ddpm_perf", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *target]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
 def one_process(args: list[str], cwd) -> np.ndarray:
@@ -159,9 +160,7 @@ def test_ranks_that_disagree_stop_at_start_up(tiny_checkpoint, tmp_path):
         "mode = 'sync' if os.environ['RANK'] == '0' else 'pcpp'\n"
         f"sys.argv = ['ddpm-perf', *{[*SAMPLE, '--checkpoint', str(tiny_checkpoint), '--steps', '2']!r},"
         " '--plugins', f'patch_parallel(mode={mode})', '--out', 'x.png']\nmain()\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    result = torchrun(2, [], tmp_path, script=script)
     assert result.returncode != 0
     assert result.stderr.count("ddpm-perf: error: ranks disagree on sampling options or checkpoint") == 2
     assert not (tmp_path / "x.png").exists()
@@ -178,9 +177,7 @@ def test_a_rank_that_dies_stops_the_others(tiny_checkpoint, tmp_path):
         "engine.SamplingEngine._sample_batch = dying\n"
         f"sys.argv = ['ddpm-perf', *{[*SAMPLE, '--checkpoint', str(tiny_checkpoint), '--steps', '2']!r},"
         " '--plugins', 'patch_parallel', '--out', 'x.png']\nmain()\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDPM_PERF_DIST_TIMEOUT_MIN": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=240)
+    result = torchrun(2, [], tmp_path, script=script, DDPM_PERF_DIST_TIMEOUT_MIN="1")
     assert result.returncode != 0
     assert re.search(r"ddpm-perf: error: rank 0 of 2: another rank died or stopped answering \(.*\); "
                      r"that rank's output says why", result.stderr), result.stderr[-3000:]

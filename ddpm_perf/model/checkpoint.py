@@ -93,12 +93,6 @@ def save_checkpoint(path: str | os.PathLike, model_config: UNetConfig, schedule_
     return path
 
 
-def trained_with(path: str | os.PathLike) -> str:
-    """The ``trained_with`` metadata of a checkpoint, without loading its weights ("" if none)."""
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("trained_with", "")
-
-
 def load_checkpoint(path: str | os.PathLike, with_training: bool = False) -> Checkpoint:
     path = Path(path)
     if path.is_dir():

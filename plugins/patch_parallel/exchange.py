@@ -49,7 +49,7 @@ class Delivery:
 class _Flight:
     """One bucket of queued messages on the wire."""
 
-    messages: list[Message]
+    by_dtype: dict[torch.dtype, list[Message]]  # one flat buffer per dtype and direction
     works: list
     recv_all: dict[torch.dtype, list[Tensor]] = field(default_factory=dict)
     recv_up: dict[torch.dtype, Tensor] = field(default_factory=dict)
@@ -150,10 +150,10 @@ class Exchange:
     # -- wire ---------------------------------------------------------------------------------
 
     def _launch(self, messages: list[Message], group) -> _Flight:
-        flight = _Flight(messages, [])
         by_dtype: dict[torch.dtype, list[Message]] = defaultdict(list)
         for m in messages:
-            by_dtype[next(t for t in _parts(m)).dtype].append(m)
+            by_dtype[_parts(m)[0].dtype].append(m)
+        flight = _Flight(by_dtype, [])
         for dtype, ms in by_dtype.items():
             to_all = [m.to_all for m in ms if m.to_all is not None]
             if to_all:
@@ -190,11 +190,8 @@ class Exchange:
         for work in flight.works:
             work.wait()
         flight.works = []
-        by_dtype: dict[torch.dtype, list[Message]] = defaultdict(list)
-        for m in flight.messages:
-            by_dtype[next(t for t in _parts(m)).dtype].append(m)
         out: dict[int, Delivery] = {}
-        for dtype, ms in by_dtype.items():
+        for dtype, ms in flight.by_dtype.items():
             all_like = [m.to_all for m in ms if m.to_all is not None]
             per_rank = ([_split(flat, all_like) for flat in flight.recv_all[dtype]]
                         if dtype in flight.recv_all else None)
