@@ -27,6 +27,7 @@ PLUGINS = {
     "fused_norm": "ddpm_perf_plugins.fused_norm:FusedNorm",
     "int8": "ddpm_perf_plugins.int8:Int8",
     "fused_attention": "ddpm_perf_plugins.fused_attention:FusedAttention",
+    "fused_dropout": "ddpm_perf_plugins.fused_dropout:FusedDropout",
     "patch_parallel": "ddpm_perf_plugins.patch_parallel:PatchParallel",
     "step_aware": "ddpm_perf_plugins.step_aware:StepAware",
 }

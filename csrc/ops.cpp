@@ -38,6 +38,10 @@ TORCH_LIBRARY(ddpm_perf, m) {
   m.def("int8_conv2d(Tensor x, Tensor packed_weight, Tensor weight_colsum, Tensor weight_scale, "
         "Tensor? bias, float x_scale, int x_zero_point, int[2] kernel_size, int[2] stride, "
         "int[2] padding) -> Tensor");
+  // Dropout with a counter-based mask: y = keep ? x / (1 - p) : 0, keep drawn from Philox4x32-10
+  // keyed by seed (a one-element int64 CPU tensor), a function of (n, c, spatial index) and not of
+  // the layout; the mask is never stored, the backward is the same op on the gradient.
+  m.def("dropout(Tensor x, Tensor seed, float p) -> Tensor");
   m.def("build_torch_version() -> str", &build_torch_version);
   m.def("cpu_isa() -> str", &cpu::isa_name);
 }

@@ -23,7 +23,8 @@ def test_op_tests_pass_on_the_fallback_path(isa):
     if probe.stdout.strip() != isa:
         pytest.skip(f"this CPU has no {isa} path (it offers {probe.stdout.strip()})")
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                             str(TESTS / "test_op_int8_conv2d.py"), str(TESTS / "test_op_group_norm_silu.py")],
+                             str(TESTS / "test_op_int8_conv2d.py"), str(TESTS / "test_op_group_norm_silu.py"),
+                             str(TESTS / "test_op_dropout.py")],
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1]

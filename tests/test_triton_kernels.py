@@ -179,6 +179,30 @@ def _errors_check():
         raise AssertionError("no RuntimeError for a compiled kernel on CPU tensors")
 
 
+def _dropout_check(shape, channels_last, dtype_name, p, seed):
+    """The mask bit for bit, values to the dtype's rounding (the interpreter truncates fp32 to bf16
+    where torch rounds to nearest), and the backward."""
+    import torch
+
+    import ddpm_perf_triton
+    from ddpm_perf.ops import reference
+
+    x = torch.randn(shape).to(getattr(torch, dtype_name))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = ddpm_perf_triton.dropout(x, torch.tensor([seed]), p)
+    assert y.stride() == x.stride(), (y.stride(), x.stride())
+    ref = reference.dropout(x.detach(), seed, p)
+    assert torch.equal(y == 0, ref == 0), "the dropout mask differs from the reference"
+    _close(y, ref, dtype_name, "dropout values", scale_atol=False)
+    grad = torch.randn(shape).to(x.dtype)
+    y.backward(grad)
+    ref_grad = reference.dropout(grad, seed, p)
+    assert torch.equal(x.grad == 0, ref_grad == 0), "the gradient's mask differs from the reference"
+    _close(x.grad, ref_grad, dtype_name, "dropout gradient", scale_atol=False)
+
+
 def _opcheck_check():
     import torch
 
@@ -199,6 +223,7 @@ def _opcheck_check():
     out, lse = ops.attention(q.detach(), k, v.detach())
     torch.library.opcheck(ops.attention_backward.default, (torch.randn_like(out), q.detach(), k, v.detach(), out, lse),
                           test_utils=("test_schema",))
+    torch.library.opcheck(ops.dropout.default, (x, torch.tensor([5]), 0.3), test_utils=utils)
 
 
 def _interpreter_check():
@@ -209,8 +234,9 @@ def _interpreter_check():
     assert ddpm_perf_triton.available() is None, ddpm_perf_triton.available()
     gn = sys.modules["ddpm_perf_triton.group_norm_silu"]
     attn = sys.modules["ddpm_perf_triton.attention"]
+    drop = sys.modules["ddpm_perf_triton.dropout"]
     for kernel in (gn._gn_forward_kernel, gn._gn_backward_kernel, attn._attn_forward_kernel,
-                   attn._attn_backward_dq_kernel, attn._attn_backward_dkdv_kernel):
+                   attn._attn_backward_dq_kernel, attn._attn_backward_dkdv_kernel, drop._dropout_kernel):
         assert isinstance(kernel, InterpretedFunction), f"{kernel} is not interpreted"
     # Importing a submodule must not replace the package's functions of the same names.
     assert callable(ddpm_perf_triton.group_norm_silu) and not isinstance(ddpm_perf_triton.attention, type(sys))
@@ -253,6 +279,11 @@ _case("attn-bf16-L37-d24", _attention_check, (2, 37, 24), (2, 37, 24), "bfloat16
 _case("attn-bf16-L70-d128", _attention_check, (1, 70, 128), (1, 70, 128), "bfloat16")
 _case("attn-fp32-one_query-d3", _attention_check, (1, 1, 3), (1, 5, 3), "float32")
 _case("attn-fp16-L33-d16", _attention_check, (1, 33, 16), (1, 33, 16), "float16")
+# dropout: (shape, channels_last, dtype, p, seed); C % 4 != 0, a seed with both 32-bit halves set
+_case("dropout-fp32-nchw", _dropout_check, (2, 7, 5, 3), False, "float32", 0.3, 2**40 + 17)
+_case("dropout-fp32-cl", _dropout_check, (2, 70, 3, 5), True, "float32", 0.5, 12345)
+_case("dropout-bf16-cl", _dropout_check, (1, 9, 4, 4), True, "bfloat16", 0.1, 3)
+_case("dropout-fp16-3d", _dropout_check, (2, 5, 33), False, "float16", 0.9, 2**62 - 1)
 
 
 def _worker() -> None:

@@ -1,7 +1,7 @@
 """Triton kernels of the ddpm_perf ops (GPU; tested on the CPU under TRITON_INTERPRET=1).
 
-Importing the package registers the operators ``ddpm_perf_triton::group_norm_silu`` and
-``ddpm_perf_triton::attention`` (and their backwards) if Triton is importable; without Triton the
+Importing the package registers the operators ``ddpm_perf_triton::group_norm_silu``,
+``ddpm_perf_triton::attention`` and ``ddpm_perf_triton::dropout`` (and their backwards) if Triton is importable; without Triton the
 package still imports and ``available()`` says why the kernels are missing.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["available", "attention", "group_norm_silu"]
+__all__ = ["available", "attention", "dropout", "group_norm_silu"]
 
 
 def available() -> str | None:
@@ -40,6 +40,7 @@ if _REASON is None:
     # Imported here, before the functions below are defined: importing a submodule binds its name
     # on the package, which would otherwise replace the functions of the same names.
     from . import attention as _attention_module  # noqa: E402
+    from . import dropout as _dropout_module  # noqa: E402
     from . import group_norm_silu as _group_norm_silu_module  # noqa: E402
 
 
@@ -60,3 +61,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """``softmax(q k^T / sqrt(d)) v`` over (..., L, d) tensors (differentiable); returns the output."""
     _require()
     return _attention_module.attention_op(q, k, v)[0]
+
+
+def dropout(x: Tensor, seed: Tensor, p: float) -> Tensor:
+    """``keep ? x / (1 - p) : 0`` with a Philox mask keyed by ``seed`` (differentiable); returns y."""
+    _require()
+    return _dropout_module.dropout_op(x, seed, p)

@@ -17,13 +17,14 @@ from .library import extension_status, load_extension
 from .group_norm_silu import group_norm_silu
 from .int8_conv2d import int8_conv2d, int8_pack_weight
 from .attention import attention
+from .dropout import dropout
 
 __all__ = ["backends", "extension_status", "load_extension", "group_norm_silu", "int8_conv2d",
-           "int8_pack_weight", "attention"]
+           "int8_pack_weight", "attention", "dropout"]
 
 
 def backends(device: str = "cpu") -> dict[str, str]:
     """Which implementation each op uses on ``device`` here, with the reason."""
     # The op modules share their functions' names, so reach them through sys.modules.
-    modules = (sys.modules[f"{__name__}.{name}"] for name in ("group_norm_silu", "int8_conv2d", "attention"))
+    modules = (sys.modules[f"{__name__}.{name}"] for name in ("group_norm_silu", "int8_conv2d", "attention", "dropout"))
     return {module.OP: module.backend(torch.device(device)) for module in modules}

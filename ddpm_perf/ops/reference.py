@@ -67,3 +67,62 @@ def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | 
     if bias is not None:
         y = y + bias.double().reshape(1, -1, 1, 1)
     return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+# Philox4x32 constants (Salmon et al. 2011; the same as cuRAND's and Triton's).
+_PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_KEY = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product of the constant ``a`` and the uint32 values in
+    int64 tensor ``b``, exact: b is split in 16-bit halves so that no product exceeds 2^48."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    low = a * b_lo                      # < 2^48
+    mid = a * b_hi + (low >> 16)        # the product >> 16, < 2^49
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (low & 0xFFFF)
+
+
+def philox4x32(counter: Tensor, seed: int, rounds: int = 10) -> tuple[Tensor, ...]:
+    """Philox4x32-``rounds`` of the int64 ``counter`` (words 0 and 1: its low and high halves) with
+    key (seed low, seed high): four uint32 words, as int64 tensors."""
+    c0, c1 = counter & _U32, (counter >> 32) & _U32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(rounds):
+        hi0, lo0 = _mulhilo(_PHILOX_MUL[0], c0)
+        hi1, lo1 = _mulhilo(_PHILOX_MUL[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_KEY[0]) & _U32, (k1 + _PHILOX_KEY[1]) & _U32
+    return c0, c1, c2, c3
+
+
+def dropout_draws(shape: torch.Size, seed: int, device=None) -> Tensor:
+    """The 32-bit draw of every element of an (N, C, ...) tensor: element (n, c, s) (s the flat
+    spatial index) takes word c % 4 of Philox(counter (n * S + s) * ceil(C / 4) + c // 4, seed).
+    Four channels of a pixel share one counter, whatever the memory layout."""
+    n, c = shape[:2]
+    s = math.prod(shape[2:])
+    c4 = (c + 3) // 4
+    ni = torch.arange(n, device=device).reshape(n, 1, 1)
+    ci = torch.arange(c, device=device).reshape(1, c, 1)
+    si = torch.arange(s, device=device).reshape(1, 1, s)
+    words = philox4x32((ni * s + si) * c4 + ci // 4, seed)
+    word = (ci % 4).expand(n, c, s)
+    draws = torch.where(word == 0, words[0], torch.where(word == 1, words[1], torch.where(word == 2, words[2], words[3])))
+    return draws.reshape(shape)
+
+
+def dropout_threshold(p: float) -> int:
+    """Elements whose draw is >= round(p * 2^32) are kept: probability 1 - p to within 2^-32."""
+    return min(math.floor(p * 2**32 + 0.5), _U32)
+
+
+def dropout(x: Tensor, seed: int, p: float) -> Tensor:
+    """``keep ? x / (1 - p) : 0`` with keep = draw >= threshold (:func:`dropout_draws`), in fp32,
+    rounded to x's dtype; x's memory format is kept."""
+    keep = dropout_draws(x.shape, seed, x.device) >= dropout_threshold(p)
+    scale = torch.tensor(1.0 / (1.0 - p), dtype=torch.float32)
+    y = torch.where(keep, x.float() * scale, torch.zeros((), dtype=torch.float32, device=x.device))
+    return torch.empty_like(x).copy_(y)
