@@ -573,3 +573,52 @@ def test_int8_conv2d_model(benchmark, bench, timing, conv_cases):
         f"({info['speedup_vs_fp32_cl']:.2f}x), ao q {total['ao_q'] * 1e3:.1f} ms ({info['speedup_vs_ao_q']:.2f}x), "
         f"ao float {total['ao_float'] * 1e3:.1f} ms ({info['speedup_vs_ao_float']:.2f}x); worst rel err "
         f"{info['rel_dev']:.1e}")
+
+
+# -- dropout -------------------------------------------------------------------------------------
+
+DROPOUT_SHAPES = [(16, 128, 32, 32), (16, 256, 16, 16)]  # the cifar10 ResBlocks' dropouts in a batch-16 training step
+DROPOUT_P = 0.1
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [pytest.param(s, id="x".join(map(str, s[1:]))) for s in DROPOUT_SHAPES])
+def test_dropout(benchmark, bench, timing, large_copy, shape, dtype, layout):
+    """``ddpm_perf::dropout`` (the Philox mask drawn in registers) against eager ``F.dropout``
+    (torch's Bernoulli mask, then a multiply) on the same input, training mode, p = 0.1; bandwidth
+    = (read x + write y) / time against the large copy's. Outputs differ from eager by design (a
+    different random stream): the keep rate is recorded instead of a deviation."""
+    if EXTENSION != "loaded":
+        pytest.skip(f"ddpm_perf._C: {EXTENSION}")
+    if bench.smoke:
+        shape = (2, shape[1], 8, 8)
+    x = torch.randn(shape).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    seed = torch.tensor([1])
+    calls = max(1, TRAFFIC_PER_SAMPLE // (2 * x.nbytes))
+    copy_fn, copy_bytes = large_copy
+    op = repeat(lambda: torch.ops.ddpm_perf.dropout(x, seed, DROPOUT_P), calls)
+    eager = repeat(lambda: torch.nn.functional.dropout(x, DROPOUT_P, training=True), calls)
+    copy_fn()
+    r = timing.interleaved(benchmark, op, eager, rounds=timing.rounds * SHORT_ROUNDS_FACTOR)
+    per_call = statistics.median(r.target) / calls
+    start = time.perf_counter()
+    copy_fn()
+    copy_gbs = copy_bytes / (time.perf_counter() - start) / 1e9
+    gbs = 2 * x.nbytes / per_call / 1e9
+    kept = (r.target_result != 0).float().mean().item()
+    fill_info(
+        benchmark.extra_info, bench, plugins="op:dropout", op="dropout", batch=shape[0], shape=list(shape),
+        dtype=str(dtype).removeprefix("torch."), layout=layout, p=DROPOUT_P, calls_per_sample=calls,
+        seconds_per_step=per_call, eager_seconds_per_call=statistics.median(r.baseline) / calls,
+        **ratio(timing, r.target, r.baseline, "eager"), gb_per_s=gbs, large_copy_gb_per_s=copy_gbs,
+        bandwidth_fraction=gbs / copy_gbs, keep_rate=kept, outputs_change=False,
+        deviation_of="none: a different random stream from torch's by design (keep_rate instead)",
+    )
+    timing.headline(
+        f"dropout {'x'.join(map(str, shape))} {dtype} {layout}: {per_call * 1e3:.2f} ms/call, "
+        f"{benchmark.extra_info['speedup_vs_eager']:.2f}x eager F.dropout, {gbs:.1f} GB/s "
+        f"({gbs / copy_gbs:.0%} of the large copy), keep rate {kept:.4f}")
+    assert abs(kept - (1 - DROPOUT_P)) < 0.01

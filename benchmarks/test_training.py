@@ -51,7 +51,9 @@ from ddpm_perf.plugins import PluginHost
 from ddpm_perf.train import DataSpec, TrainConfig, Trainer
 
 SPECS = ("", "amp", "channels_last,amp", "checkpoint", "fused_norm", "fused_norm,amp", "fused_norm,fused_attention,amp",
-         "amp,compile", "fused_norm,fused_attention,amp,compile")
+         "amp,compile", "fused_norm,fused_attention,amp,compile",
+         "channels_last,fused_norm,fused_attention,amp", "channels_last,fused_norm,fused_attention,fused_dropout,amp",
+         "channels_last,fused_norm,fused_dropout,amp,compile")
 RSS_SPECS = ("", "checkpoint")  # the OS-level peak, in a fresh process: the specs that are about memory
 BATCH, SMOKE_BATCH = 16, 8
 # Timed pairs of steps: a cifar10 step at batch 16 takes ~4 s on the 2-core machines, so 5 pairs by

@@ -220,3 +220,39 @@ def test_without_the_extension_every_op_runs_its_reference(tiny_checkpoint, tmp_
     assert result.returncode == 0, result.stderr[-2000:]
     assert "group_norm_silu backend reference (ddpm_perf._C does not load" in result.stdout
     assert "kernel reference (" in result.stdout and (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_takes_matmuls_in_training_and_sdpa_otherwise(monkeypatch, dtype):
+    """Values and gradients of both CPU paths against the reference; which path runs is checked by
+    making the other one fail."""
+    import sys
+
+    from ddpm_perf.ops import reference
+
+    attention_module = sys.modules["ddpm_perf.ops.attention"]  # the package exports the function of that name
+
+    q, k, v = (torch.randn(2, 37, 24).to(dtype).requires_grad_() for _ in range(3))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    ref_leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = reference.attention(*ref_leaves)
+    grad = torch.randn_like(ref)
+    ref.backward(grad)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("SDPA was called")
+
+    with monkeypatch.context() as m:  # training, 37 tokens <= MATH_MAX_TOKENS: the matmuls
+        m.setattr(attention_module.F, "scaled_dot_product_attention", refuse)
+        out = ops.attention(q, k, v)
+        out.backward(grad)
+    torch.testing.assert_close(out, ref, **tol)
+    for got, want in zip((q, k, v), ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, **tol)
+
+    with monkeypatch.context() as m:  # no backward, or more tokens: SDPA
+        m.setattr(attention_module, "_math_attention", refuse)
+        with torch.no_grad():
+            torch.testing.assert_close(ops.attention(q, k, v), ref.detach(), **tol)
+        m.setattr(attention_module, "MATH_MAX_TOKENS", 36)
+        torch.testing.assert_close(ops.attention(q, k, v), ref, **tol)
