@@ -44,8 +44,29 @@ def test_amp_bf16_is_close_to_fp32(tiny_checkpoint, spec):
 
 def test_amp_weights_are_stored_in_bf16(tiny_checkpoint):
     eng = engine(tiny_checkpoint, "amp(weights=true)")
-    assert eng.model.conv_in.weight.dtype == torch.bfloat16
+    assert eng.model.blocks["down0_res0"].conv1.weight.dtype == torch.bfloat16
     assert eng.model.norm_out.weight.dtype == torch.float32  # norms stay fp32
+    # keep_float=first_last (the default): the image in and the noise out keep their fp32 weights
+    assert eng.model.conv_in.weight.dtype == eng.model.conv_out.weight.dtype == torch.float32
+    eng = engine(tiny_checkpoint, "amp(weights=true,keep_float=none)")
+    assert eng.model.conv_in.weight.dtype == eng.model.conv_out.weight.dtype == torch.bfloat16
+
+
+def test_amp_keeps_the_first_and_last_layers_in_float32(tiny_checkpoint):
+    """conv_in computes in fp32 and hands bf16 on; norm_out and conv_out compute and return fp32;
+    the state-dict keys do not change; the deviation from fp32 drops against keep_float=none."""
+    seen = {}
+    eng = engine(tiny_checkpoint, "amp")
+    model = eng.model
+    for name in ("conv_in", "norm_out", "conv_out"):
+        getattr(model, name).register_forward_hook(lambda m, args, out, name=name: seen.update({name: out.dtype}))
+    model.blocks["down0_res0"].conv1.register_forward_hook(lambda m, args, out: seen.update(conv1=out.dtype))
+    ref = eps_of(engine(tiny_checkpoint))
+    out = eps_of(eng)
+    assert seen == {"conv_in": torch.bfloat16, "norm_out": torch.float32, "conv_out": torch.float32,
+                    "conv1": torch.bfloat16}
+    assert set(model.state_dict()) == set(load_checkpoint(tiny_checkpoint).weights)
+    assert rel_err(out, ref) < rel_err(eps_of(engine(tiny_checkpoint, "amp(keep_float=none)")), ref)
 
 
 def test_amp_images_stay_close(tiny_checkpoint):
