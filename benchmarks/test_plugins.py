@@ -32,6 +32,7 @@ from ddpm_perf.model.unet import StepPlan
 from ddpm_perf.plugins import PluginHost
 
 SPECS = ("", "channels_last", "amp", "amp(weights=true)", "channels_last,amp", "channels_last,amp(weights=true)",
+         "channels_last,amp(weights=true,keep_float=none)", "channels_last,fused_norm,amp(weights=true)",
          "compile", "channels_last,amp,compile", "channels_last,amp(weights=true),compile",
          # the kernel plugins (issue: fused_norm,int8 >= 3x eager fp32), alone and stacked
          "fused_norm", "fused_attention", "int8", "fused_norm,int8", "fused_norm,fused_attention,int8",
@@ -41,7 +42,8 @@ SPECS = ("", "channels_last", "amp", "amp(weights=true)", "channels_last,amp", "
 
 def spec_id(spec: str) -> str:
     """'' -> 'eager', 'channels_last,amp' -> 'channels_last-amp', 'amp(weights=true)' -> 'amp_weights'."""
-    return spec.replace("(weights=true)", "_weights").replace(",", "-") or "eager"
+    return (spec.replace("(weights=true)", "_weights").replace("(weights=true,keep_float=none)", "_weights_no_keep")
+            .replace(",", "-") or "eager")
 
 
 def spec_params(specs) -> list:

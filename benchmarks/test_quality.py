@@ -33,7 +33,7 @@ from ddpm_perf.plugins import PluginHost
 
 from conftest import quality_checkpoint_path
 
-SPECS = ("", "amp", "channels_last,amp", "channels_last,amp(weights=true)", "fused_norm", "int8", "fused_norm,fused_attention,int8",
+SPECS = ("", "amp", "amp(keep_float=none)", "channels_last,amp", "channels_last,amp(weights=true)", "fused_norm", "int8", "fused_norm,fused_attention,int8",
          "fused_norm,int8,amp(weights=true)")
 IMAGES, STEPS = 256, 50
 SMOKE_IMAGES, SMOKE_STEPS = 64, 5
@@ -41,7 +41,8 @@ SEED = 0
 
 
 def spec_id(spec: str) -> str:
-    return spec.replace("(weights=true)", "_weights").replace(",", "-") or "eager"
+    return (spec.replace("(weights=true)", "_weights").replace("(keep_float=none)", "_no_keep")
+            .replace(",", "-") or "eager")
 
 
 @pytest.fixture(scope="module")

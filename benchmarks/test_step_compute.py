@@ -6,7 +6,8 @@ of 128; smoke: 16 images, one batch of 16):
 
 * the "fewer steps" frontier: DDIM (eta 0) at 10, 20, 30, 50 steps (smoke: 2, 4), no plugins;
 * DDIM 50 (smoke: 4) with ``deep_cache(interval=2)``, ``deep_cache(interval=3)``,
-  ``deep_cache(interval=5)``, ``early_exit`` and ``deep_cache(interval=3),amp``; on the embedded
+  ``deep_cache(interval=5)``, ``deep_cache(interval=2|3,branch=1)``, ``early_exit``,
+  ``deep_cache(interval=3),amp`` and ``deep_cache(interval=2,branch=1),amp``; on the embedded
   model, where the shipped slimmable model exists, also ``step_aware(width=1)``, ``step_aware``
   and ``step_aware,amp`` (they sample ``digits_slim.safetensors`` and its searched schedule).
 
@@ -56,8 +57,10 @@ from conftest import quality_checkpoint_path
 SEED = 0
 FULL = dict(images=512, batch=128, frontier=(10, 20, 30, 50), rounds=2)
 SMOKE = dict(images=16, batch=16, frontier=(2, 4), rounds=1)
-PLUGIN_SPECS = ("deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)", "early_exit",
-                "deep_cache(interval=3),amp")
+PLUGIN_SPECS = ("deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)",
+                # branch 1: the cut after the first full-resolution ResBlock (see deep_cache's docstring)
+                "deep_cache(interval=2,branch=1)", "deep_cache(interval=3,branch=1)", "early_exit",
+                "deep_cache(interval=3),amp", "deep_cache(interval=2,branch=1),amp")
 
 # step_aware without a checkpoint of its own samples the shipped slimmable model (digits_slim.safetensors) with
 # its searched schedule; width=1 is that model at full width (the fine-tuned weights, no savings).
@@ -180,6 +183,7 @@ def test_step_compute_frontier(benchmark, timing, bench):
     assert all(torch.isfinite(x).all() for x in images.values())
     assert base["rel_dev"] == 0.0
     # the step-compute savers do less work per image than the baseline
-    savers = ["deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)", "early_exit"]
+    savers = ["deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)",
+              "deep_cache(interval=2,branch=1)", "early_exit"]
     for name in savers + (["step_aware"] if step_aware_shipped(path) else []):
         assert records[f"DDIM {full_steps} + {name}"]["flops_per_image_run"] < base["flops_per_image_run"], name

@@ -7,7 +7,10 @@ skip, and the up path from that unit on) on top of the kept feature. Training-fr
 ``branch`` is the U-Net's skip index (StepPlan.cache_branch): 0 is conv_in's output, then one
 per down unit that pushes a skip. DeepCache's DDPM code's branch b is skip index b + 1; its
 CIFAR-10 default (code branch 2, the paper's "skip branch 3") is ``branch=3`` here: the shallow
-path is the full-resolution level, its downsample and the matching up units.
+path is the full-resolution level, its downsample and the matching up units. On a small model
+whose full-resolution level is most of the compute (the 16x16 digits model), a cut inside that
+level pays instead: ``branch=1`` (after its first ResBlock) with ``interval=2`` is the measured
+choice there (docs/performance.md, "deep_cache: where to cut").
 """
 
 from __future__ import annotations

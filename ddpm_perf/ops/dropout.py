@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .library import has_kernel, load_extension, triton_kernels
+from .library import kernel_backend, load_extension, triton_kernels
 
 OP = "dropout"
 
@@ -56,12 +56,7 @@ def _backend(device_type: str) -> str:
 
 
 def backend(device: torch.device) -> str:
-    if device.type == "cuda" and triton_kernels() is not None:
-        return "triton"
-    if has_kernel(OP, device):
-        return "cpp" if device.type == "cpu" else "cuda"
-    reason = load_extension() or f"ddpm_perf._C has no {device.type} kernel for it"
-    return f"reference ({reason})"
+    return kernel_backend(OP, device)
 
 
 def draw_seed(device: torch.device) -> Tensor:

@@ -46,3 +46,15 @@ def triton_kernels():
     except ImportError:
         return None
     return ddpm_perf_triton if ddpm_perf_triton.available() is None else None
+
+
+def kernel_backend(op: str, device: torch.device) -> str:
+    """The backend of an op that has Triton, C++/CUDA and reference implementations: "triton" for
+    CUDA tensors when the Triton kernels are usable, else "cpp"/"cuda" when ``ddpm_perf._C`` has a
+    kernel for the device, else "reference (why)"."""
+    if device.type == "cuda" and triton_kernels() is not None:
+        return "triton"
+    if has_kernel(op, device):
+        return "cpp" if device.type == "cpu" else "cuda"
+    reason = load_extension() or f"ddpm_perf._C has no {device.type} kernel for it"
+    return f"reference ({reason})"
