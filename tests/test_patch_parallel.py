@@ -185,15 +185,31 @@ def test_a_rank_that_dies_stops_the_others(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("others, atol", [("deep_cache(interval=2)", 1e-4), ("early_exit", 1e-4),
-                                          ("amp", 0.1)])
-def test_composes_with_step_and_precision_plugins(tiny_checkpoint, tmp_path, others, atol):
-    """sync bands with another plugin give what one process gives with that plugin (bf16
-    autocast: the same up to its rounding, which the bands' different sums change)."""
+@pytest.mark.parametrize("others", ["deep_cache(interval=2)", "early_exit"])
+def test_composes_with_step_plugins(tiny_checkpoint, tmp_path, others):
+    """sync bands with another plugin give what one process gives with that plugin."""
     args = [*SAMPLE, "--checkpoint", str(tiny_checkpoint), "--steps", "4"]
     reference = one_process([*args, "--plugins", others], tmp_path)
     samples, _ = bands(2, args, "mode=sync", tmp_path, others)
-    np.testing.assert_allclose(samples, reference, rtol=0, atol=atol)
+    np.testing.assert_allclose(samples, reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("amp", ["amp", "amp(keep_float=none)"])
+def test_composes_with_amp(tiny_checkpoint, tmp_path, amp):
+    """bf16 autocast: the bands' sums round differently from one process's, and a random tiny
+    model amplifies rounding (single pixels differ by ~0.15 between the two bf16 runs). So both
+    are held to the fp32 images: splitting the image adds at most half again to bf16's own
+    deviation (measured: 0.96% against 0.85% relative L2)."""
+    args = [*SAMPLE, "--checkpoint", str(tiny_checkpoint), "--steps", "4"]
+    fp32 = one_process(args, tmp_path)
+    reference = one_process([*args, "--plugins", amp], tmp_path)
+    samples, _ = bands(2, args, "mode=sync", tmp_path, amp)
+
+    def rel(a, b):
+        return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+    assert 0 < rel(reference, fp32) < 0.05
+    assert rel(samples, fp32) < 1.5 * rel(reference, fp32)
 
 
 def test_displaced_with_deep_cache_uses_each_layers_newest_data(tiny_checkpoint, tmp_path):
