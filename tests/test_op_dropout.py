@@ -174,3 +174,29 @@ def test_fused_dropout_plugin_swaps_the_dropouts_and_trains(tmp_path):
     assert not torch.equal(y1, y2)  # dropout is on, with a new mask each call
     y1.square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_training_with_fused_dropout_resumes_bit_exactly(tmp_path):
+    """Its seeds come from torch's global generator, which checkpoints carry: a run stopped and
+    resumed gives the same losses and weights as one that ran straight through."""
+    from ddpm_perf.diffusion.schedule import ScheduleConfig
+    from ddpm_perf.model.config import UNetConfig
+    from ddpm_perf.plugins import PluginHost
+    from ddpm_perf.train import DataSpec, TrainConfig, Trainer
+
+    config = UNetConfig(image_size=16, in_channels=1, out_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                        attn_resolutions=(8,), dropout=0.3, num_groups=4)
+
+    def trainer(out, steps):
+        cfg = TrainConfig(steps=steps, batch_size=8, warmup=2, ema_decay=0.9, checkpoint_every=2)
+        return Trainer(config, ScheduleConfig(), DataSpec("digits"), cfg, out,
+                       plugins=PluginHost.from_spec("fused_dropout"))
+
+    straight = trainer(tmp_path / "a", 4).run(progress=False)
+    head = trainer(tmp_path / "b", 2).run(progress=False)
+    tail = Trainer.resume(tmp_path / "b" / "checkpoint.safetensors", plugins=PluginHost.from_spec("fused_dropout"),
+                          steps=4).run(progress=False)
+    assert head + tail == straight
+    plain = Trainer(config, ScheduleConfig(), DataSpec("digits"),
+                    TrainConfig(steps=4, batch_size=8, warmup=2, ema_decay=0.9, checkpoint_every=2), tmp_path / "c")
+    assert plain.run(progress=False) != straight  # the plugin's masks are another stream than nn.Dropout's
