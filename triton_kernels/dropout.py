@@ -20,7 +20,7 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _dropout_kernel(x_ptr, y_ptr, numel, C, S, seed, threshold, scale,
+def _dropout_kernel(x_ptr, y_ptr, seed_ptr, numel, C, S, threshold, scale,
                     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
@@ -34,7 +34,7 @@ def _dropout_kernel(x_ptr, y_ptr, numel, C, S, seed, threshold, scale,
     c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
     c1 = (counter >> 32).to(tl.uint32)
     zero = tl.zeros_like(c0)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, zero, zero)
+    w0, w1, w2, w3 = tl.philox(tl.load(seed_ptr), c0, c1, zero, zero)
     word = c % 4
     draw = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
     x = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
@@ -64,8 +64,10 @@ def dropout_op(x: Tensor, seed: Tensor, p: float) -> Tensor:
         return y
     n, c = x.shape[:2]
     threshold = min(math.floor(p * 2**32 + 0.5), 2**32 - 1)
+    # The seed is read in the kernel, not with .item() here: torch.compile traces this function
+    # with fake tensors, whose values cannot be read.
     torch.library.wrap_triton(_dropout_kernel)[(triton.cdiv(numel, _BLOCK),)](
-        x, y, numel, c, numel // (n * c), int(seed.item()), threshold, 1.0 / (1.0 - p),
+        x, y, seed.to(x.device), numel, c, numel // (n * c), threshold, 1.0 / (1.0 - p),
         CHANNELS_LAST=channels_last, BLOCK=_BLOCK)
     return y
 

@@ -108,10 +108,8 @@ def dropout_draws(shape: torch.Size, seed: int, device=None) -> Tensor:
     ni = torch.arange(n, device=device).reshape(n, 1, 1)
     ci = torch.arange(c, device=device).reshape(1, c, 1)
     si = torch.arange(s, device=device).reshape(1, 1, s)
-    words = philox4x32((ni * s + si) * c4 + ci // 4, seed)
-    word = (ci % 4).expand(n, c, s)
-    draws = torch.where(word == 0, words[0], torch.where(word == 1, words[1], torch.where(word == 2, words[2], words[3])))
-    return draws.reshape(shape)
+    words = torch.stack(philox4x32((ni * s + si) * c4 + ci // 4, seed))  # (4, n, c, s)
+    return words.gather(0, (ci % 4).expand(1, n, c, s))[0].reshape(shape)
 
 
 def dropout_threshold(p: float) -> int:
