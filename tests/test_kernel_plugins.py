@@ -223,14 +223,11 @@ def test_without_the_extension_every_op_runs_its_reference(tiny_checkpoint, tmp_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_takes_matmuls_in_training_and_sdpa_otherwise(monkeypatch, dtype):
+def test_attention_takes_matmuls_in_training_or_bf16_and_sdpa_otherwise(monkeypatch, dtype):
     """Values and gradients of both CPU paths against the reference; which path runs is checked by
     making the other one fail."""
-    import sys
-
+    from ddpm_perf.model import attention as attention_module
     from ddpm_perf.ops import reference
-
-    attention_module = sys.modules["ddpm_perf.ops.attention"]  # the package exports the function of that name
 
     q, k, v = (torch.randn(2, 37, 24).to(dtype).requires_grad_() for _ in range(3))
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
@@ -240,7 +237,7 @@ def test_attention_takes_matmuls_in_training_and_sdpa_otherwise(monkeypatch, dty
     ref.backward(grad)
 
     def refuse(*args, **kwargs):
-        raise AssertionError("SDPA was called")
+        raise AssertionError("the other path was called")
 
     with monkeypatch.context() as m:  # training, 37 tokens <= MATH_MAX_TOKENS: the matmuls
         m.setattr(attention_module.F, "scaled_dot_product_attention", refuse)
@@ -250,9 +247,15 @@ def test_attention_takes_matmuls_in_training_and_sdpa_otherwise(monkeypatch, dty
     for got, want in zip((q, k, v), ref_leaves):
         torch.testing.assert_close(got.grad, want.grad, **tol)
 
-    with monkeypatch.context() as m:  # no backward, or more tokens: SDPA
-        m.setattr(attention_module, "_math_attention", refuse)
+    with monkeypatch.context() as m:  # no backward: SDPA in fp32, the matmuls in bf16
+        if dtype == torch.float32:
+            m.setattr(attention_module, "_math_attention", refuse)
+        else:
+            m.setattr(attention_module.F, "scaled_dot_product_attention", refuse)
         with torch.no_grad():
             torch.testing.assert_close(ops.attention(q, k, v), ref.detach(), **tol)
+
+    with monkeypatch.context() as m:  # more tokens than MATH_MAX_TOKENS: SDPA, whatever the dtype or phase
+        m.setattr(attention_module, "_math_attention", refuse)
         m.setattr(attention_module, "MATH_MAX_TOKENS", 36)
         torch.testing.assert_close(ops.attention(q, k, v), ref, **tol)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import native_attention
 from .config import UNetConfig
 
 
@@ -121,11 +122,8 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
         b, c, height, width = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        # As (B, heads=1, HW, C): the 4-D form reaches SDPA's fused CPU kernel, 3-D takes the math path.
-        q, k, v = (proj(tokens)[:, None] for proj in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)[:, 0]
-        out = self.proj_out(out).transpose(1, 2).reshape(b, c, height, width)
-        return x + out
+        out = self.proj_out(native_attention(self.q(tokens), self.k(tokens), self.v(tokens)))
+        return x + out.transpose(1, 2).reshape(b, c, height, width)
 
     def skip(self, x: Tensor) -> Tensor:
         return x

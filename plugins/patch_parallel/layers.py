@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ddpm_perf.model.attention import native_attention
 from ddpm_perf.model.unet import AttnBlock, NormAct
 
 from .exchange import Exchange, Message
@@ -164,7 +165,7 @@ class BandAttention(nn.Module):
         tokens = a.norm(x).flatten(2).transpose(1, 2)  # (B, hW, C)
         keys_values = self._context(torch.cat([a.k(tokens), a.v(tokens)], 2))
         k, v = keys_values.split(channels, dim=2)
-        out = F.scaled_dot_product_attention(a.q(tokens)[:, None], k[:, None], v[:, None])[:, 0]
+        out = native_attention(a.q(tokens), k, v)
         return x + a.proj_out(out).transpose(1, 2).reshape(batch, channels, height, width)
 
     def skip(self, x: Tensor) -> Tensor:
