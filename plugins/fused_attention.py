@@ -1,5 +1,6 @@
 """fused_attention: the U-Net's self-attention blocks as one qkv projection plus a fused attention
-kernel (``ddpm_perf.ops.attention``: Triton flash attention on CUDA, torch's SDPA flash kernel on CPU)."""
+kernel (``ddpm_perf.ops.attention``: Triton flash attention on CUDA; elsewhere the core's attention,
+so on the CPU this plugin adds only the concatenated qkv matmul)."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class FusedAttnBlock(AttnBlock):
 
 class FusedAttention(Plugin):
     name = "fused_attention"
-    description = "Self-attention as one qkv matmul and a fused attention kernel (Triton on CUDA, SDPA on CPU)."
+    description = "Self-attention as one qkv matmul and a fused attention kernel (Triton on CUDA; the core's elsewhere)."
     phase = Phase.REWRITE
     ops = ("attention",)
 

@@ -96,10 +96,15 @@ class Int8Linear(Int8Conv2d):
     """A Linear with int8 weights: the int8 convolution with a 1x1 kernel over the tokens,
     each token a 1x1 image (so any (..., features) input works, contiguous in both layouts)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, out_dtype: torch.dtype | None = None):
         nn.Module.__init__(self)
         self.kernel_size, self.stride, self.padding = (1, 1), (1, 1), (0, 0)
         self._quantize_weight(linear.weight, linear.bias)
+        self.out_dtype = out_dtype  # None: the input's
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)
+        return y if self.out_dtype is None else y.to(self.out_dtype)
 
     def _float(self, x: Tensor) -> Tensor:
         bias = None if self.float_bias is None else self.float_bias.to(x.dtype)
@@ -133,6 +138,9 @@ class Int8(Plugin):
         "percentile": Option(float, 99.99, "percentile for method=percentile"),
         "keep_float": Option(str, "first_last", "convolutions left in float", choices=("first_last", "none")),
         "attention": Option(bool, True, "also the attention blocks' q/k/v/out projections"),
+        "attention_dtype": Option(str, "bfloat16", "what the int8 q/k/v projections hand to the attention: bf16 "
+                                  "(on the CPU two bf16 matmuls around an fp32 softmax, ~3x fp32 SDPA) or their "
+                                  "input's dtype", choices=("bfloat16", "input")),
         "steps": Option(int, 8, "DDIM steps of the calibration trajectory (spread over the timestep range)"),
         "batch": Option(int, 8, "images in the calibration trajectory"),
         "calibration": Option(str, "", "calibration file (default: <checkpoint>.int8.json)"),
@@ -162,7 +170,11 @@ class Int8(Plugin):
             if name in skipped:
                 continue
             parent, _, child = name.rpartition(".")
-            layer = Int8Conv2d(module) if isinstance(module, nn.Conv2d) else Int8Linear(module)
+            if isinstance(module, nn.Conv2d):
+                layer = Int8Conv2d(module)
+            else:  # rounding q, k and v to bf16 adds less error than their int8 inputs already carry
+                to_attention = child in ("q", "k", "v") and self.opts.attention_dtype == "bfloat16"
+                layer = Int8Linear(module, torch.bfloat16 if to_attention else None)
             setattr(model.get_submodule(parent), child, layer)
             self.layers[name] = layer
         # The int8 op reads and writes NHWC: keep the whole network NHWC (the float convs' weights

@@ -179,6 +179,28 @@ def test_int8_attention_projections(tiny_checkpoint):
 
 
 @needs_extension
+def test_int8_hands_the_attention_bf16_unless_told_otherwise(tiny_checkpoint, monkeypatch):
+    """q, k and v leave their int8 projections as bf16 (so the CPU attention takes the bf16
+    matmuls, seen by their arguments), proj_out keeps its input's dtype; attention_dtype=input
+    keeps fp32 throughout. Both stay as close to fp32 as int8 does."""
+    from ddpm_perf.model import attention as attention_module
+
+    ref = eps_of(engine(tiny_checkpoint))
+    for spec, want in (("int8(steps=2,batch=2,recalibrate=true)", torch.bfloat16),
+                       ("int8(steps=2,batch=2,attention_dtype=input,recalibrate=true)", torch.float32)):
+        eng = engine(tiny_checkpoint, spec)
+        seen = []
+        with monkeypatch.context() as m:
+            real = attention_module.native_attention
+            m.setattr(attention_module, "native_attention", lambda q, k, v: seen.append(q.dtype) or real(q, k, v))
+            m.setattr(sys.modules["ddpm_perf.model.unet"], "native_attention", attention_module.native_attention)
+            eps = eps_of(eng)
+        assert seen and set(seen) == {want}, spec
+        assert eps.dtype == torch.float32 and rel_err(eps, ref) < 0.05
+        assert eng.model.blocks["mid_attn"].proj_out.out_dtype is None
+
+
+@needs_extension
 def test_calibrate_command(tiny_checkpoint):
     from click.testing import CliRunner
 
