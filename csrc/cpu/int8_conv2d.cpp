@@ -251,38 +251,41 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   const int8_t* wp = packed.data_ptr<int8_t>();
   const int64_t block_stride = taps * Cp * 16;
   T* yp = reinterpret_cast<T*>(out.data_ptr());
-  const int64_t tiles = (M + kMR - 1) / kMR;
-  // Tiles go in chunks; within a chunk the output-block loop is outside, so one block's packed
-  // weights stay in L1 while the chunk's pixels stream past them.
-  const int64_t chunks = (tiles + kChunk - 1) / kChunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t tiles = (M + kMR - 1) / kMR, groups = (Ob + kNB - 1) / kNB;
+  // Work items are (chunk of tiles, group of output blocks); within an item one group's packed
+  // weights stay in L1 while the chunk's pixels stream past them. at::parallel_for hands each
+  // thread a contiguous run of items, so the chunks are made equal and their number a multiple
+  // of the threads: with 16-tile chunks a 4x4 level at batch 8 (22 tiles) split 16 + 6.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = round_up((tiles + kChunk - 1) / kChunk, threads);
+  const int64_t chunk_tiles = (tiles + chunks - 1) / chunks;
+  at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t acc[kMR * kNB * 16];
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t tile_end = std::min(tiles, (chunk + 1) * kChunk);
-      for (int64_t ob = 0; ob < Ob; ob += kNB) {
-        const int nb = static_cast<int>(std::min<int64_t>(kNB, Ob - ob));
-        const int64_t o0 = ob * 16, count = std::min<int64_t>(nb * 16, O - o0);
-        for (int64_t tile = chunk * kChunk; tile < tile_end; ++tile) {
-          const int64_t m0 = tile * kMR;
-          const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
-          Tile t{{}, tap_offset.data(), taps, Cp / 4, wp + ob * block_stride, block_stride};
-          for (int i = 0; i < kMR; ++i) {
-            const int64_t m = m0 + std::min(i, mr - 1), n = m / (OH * OW), oh = m / OW % OH, ow = m % OW;
-            t.pixel[i] = q + ((n * Hp + oh * SH) * Wp + ow * SW) * Cp;
-          }
-          if (vnni)
-            kVnniKernels[mr - 1][nb - 1](t, acc);
-          else if (avx2)
-            gemm_tile_avx2(t, mr, nb, acc);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t chunk = item / groups, ob = item % groups * kNB;
+      const int64_t tile_end = std::min(tiles, (chunk + 1) * chunk_tiles);
+      const int nb = static_cast<int>(std::min<int64_t>(kNB, Ob - ob));
+      const int64_t o0 = ob * 16, count = std::min<int64_t>(nb * 16, O - o0);
+      for (int64_t tile = chunk * chunk_tiles; tile < tile_end; ++tile) {
+        const int64_t m0 = tile * kMR;
+        const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+        Tile t{{}, tap_offset.data(), taps, Cp / 4, wp + ob * block_stride, block_stride};
+        for (int i = 0; i < kMR; ++i) {
+          const int64_t m = m0 + std::min(i, mr - 1), n = m / (OH * OW), oh = m / OW % OH, ow = m % OW;
+          t.pixel[i] = q + ((n * Hp + oh * SH) * Wp + ow * SW) * Cp;
+        }
+        if (vnni)
+          kVnniKernels[mr - 1][nb - 1](t, acc);
+        else if (avx2)
+          gemm_tile_avx2(t, mr, nb, acc);
+        else
+          gemm_tile_scalar(t, mr, nb, acc);
+        for (int i = 0; i < mr; ++i) {
+          T* y = yp + (m0 + i) * O + o0;
+          if (simd)
+            epilogue_row_avx512(acc + i * kNB * 16, o0, count, y, e);
           else
-            gemm_tile_scalar(t, mr, nb, acc);
-          for (int i = 0; i < mr; ++i) {
-            T* y = yp + (m0 + i) * O + o0;
-            if (simd)
-              epilogue_row_avx512(acc + i * kNB * 16, o0, count, y, e);
-            else
-              epilogue_row_scalar(acc + i * kNB * 16, o0, count, y, e);
-          }
+            epilogue_row_scalar(acc + i * kNB * 16, o0, count, y, e);
         }
       }
     }
