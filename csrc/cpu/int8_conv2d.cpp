@@ -215,34 +215,38 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   const int64_t OH = out.size(2), OW = out.size(3), M = N * OH * OW, taps = KH * KW, Ob = (O + 15) / 16;
   const bool vnni = cpu_has_avx512_vnni(), avx2 = cpu_has_avx2(), simd = cpu_has_avx512();
 
-  // 1. quantise into the zero-point-padded NHWC buffer; only the border is filled with the zero
-  // point (the padded channels meet zero weights, but are set too, so results never depend on
-  // uninitialised memory).
-  Tensor q_buffer = at::empty({N * Hp * Wp * Cp}, x.options().dtype(at::kByte));
-  uint8_t* q = q_buffer.data_ptr<uint8_t>();
   const uint8_t zp8 = static_cast<uint8_t>(e.zp);
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-  at::parallel_for(0, N * Hp, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t n = r / Hp, hp = r % Hp, h = hp - PH;
-      uint8_t* row = q + r * Wp * Cp;
-      if (h < 0 || h >= H) {
-        std::memset(row, zp8, Wp * Cp);
-        continue;
+  auto quantize_pixel = [&](const T* src, uint8_t* dst) {
+    if (simd)
+      quantize_row_avx512(src, dst, C, inv_scale, e.zp);
+    else
+      quantize_row_scalar(src, dst, C, inv_scale, e.zp);
+    if (Cp > C) std::memset(dst + C, zp8, Cp - C);  // the padded channels meet zero weights, but
+  };                                                 // results never depend on uninitialised memory
+
+  // 1. quantise into the zero-point-padded NHWC buffer; only the border is filled with the zero
+  // point. A pointwise conv (1x1, stride 1, no padding) skips this pass: each work item quantises
+  // its chunk of pixels into a thread-local buffer (below), which saves writing and re-reading
+  // the uint8 copy of x, a quarter of the bytes of these memory-bound convs.
+  const bool pointwise = KH == 1 && KW == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
+  Tensor q_buffer = at::empty({pointwise ? 0 : N * Hp * Wp * Cp}, x.options().dtype(at::kByte));
+  uint8_t* q = q_buffer.data_ptr<uint8_t>();
+  if (!pointwise) {
+    at::parallel_for(0, N * Hp, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / Hp, hp = r % Hp, h = hp - PH;
+        uint8_t* row = q + r * Wp * Cp;
+        if (h < 0 || h >= H) {
+          std::memset(row, zp8, Wp * Cp);
+          continue;
+        }
+        std::memset(row, zp8, PW * Cp);
+        std::memset(row + (W + PW) * Cp, zp8, PW * Cp);
+        for (int64_t w = 0; w < W; ++w) quantize_pixel(xp + ((n * H + h) * W + w) * C, row + (w + PW) * Cp);
       }
-      std::memset(row, zp8, PW * Cp);
-      std::memset(row + (W + PW) * Cp, zp8, PW * Cp);
-      for (int64_t w = 0; w < W; ++w) {
-        const T* src = xp + ((n * H + h) * W + w) * C;
-        uint8_t* dst = row + (w + PW) * Cp;
-        if (simd)
-          quantize_row_avx512(src, dst, C, inv_scale, e.zp);
-        else
-          quantize_row_scalar(src, dst, C, inv_scale, e.zp);
-        if (Cp > C) std::memset(dst + C, zp8, Cp - C);
-      }
-    }
-  });
+    });
+  }
 
   // 2-4. tiles of kMR output pixels x up to kNB output blocks
   std::vector<int64_t> tap_offset(taps);
@@ -261,9 +265,17 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   const int64_t chunk_tiles = (tiles + chunks - 1) / chunks;
   at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t acc[kMR * kNB * 16];
+    std::vector<uint8_t> local(pointwise ? chunk_tiles * kMR * Cp : 0);  // pointwise: this chunk's pixels
+    int64_t local_chunk = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item / groups, ob = item % groups * kNB;
       const int64_t tile_end = std::min(tiles, (chunk + 1) * chunk_tiles);
+      const int64_t first_pixel = chunk * chunk_tiles * kMR;
+      if (pointwise && chunk != local_chunk) {
+        for (int64_t m = first_pixel; m < std::min(M, tile_end * kMR); ++m)
+          quantize_pixel(xp + m * C, local.data() + (m - first_pixel) * Cp);
+        local_chunk = chunk;
+      }
       const int nb = static_cast<int>(std::min<int64_t>(kNB, Ob - ob));
       const int64_t o0 = ob * 16, count = std::min<int64_t>(nb * 16, O - o0);
       for (int64_t tile = chunk * chunk_tiles; tile < tile_end; ++tile) {
@@ -272,7 +284,7 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
         Tile t{{}, tap_offset.data(), taps, Cp / 4, wp + ob * block_stride, block_stride};
         for (int i = 0; i < kMR; ++i) {
           const int64_t m = m0 + std::min(i, mr - 1), n = m / (OH * OW), oh = m / OW % OH, ow = m % OW;
-          t.pixel[i] = q + ((n * Hp + oh * SH) * Wp + ow * SW) * Cp;
+          t.pixel[i] = pointwise ? local.data() + (m - first_pixel) * Cp : q + ((n * Hp + oh * SH) * Wp + ow * SW) * Cp;
         }
         if (vnni)
           kVnniKernels[mr - 1][nb - 1](t, acc);
