@@ -178,9 +178,9 @@ const auto kVnniKernels = table_of_kernels(std::make_integer_sequence<int, kMR>{
 // ---- epilogue: int32 -> (acc - zp * colsum[o]) * scale[o] + bias[o] -> fp32/bf16 ----
 
 struct Epilogue {
-  const int32_t* colsum;
-  const float* scale;  // x_scale * w_scale[o]
-  const float* bias;   // may be null
+  const int32_t* offset;  // zp * colsum[o], once per call rather than a multiply per output
+  const float* scale;     // x_scale * w_scale[o]
+  const float* bias;      // zeros when the layer has none
   int zp;
 };
 
@@ -188,19 +188,17 @@ template <typename T>
 void epilogue_row_scalar(const int32_t* acc, int64_t o0, int64_t count, T* y, const Epilogue& e) {
   for (int64_t j = 0; j < count; ++j) {
     const int64_t o = o0 + j;
-    store_float(y + j, float(acc[j] - e.zp * e.colsum[o]) * e.scale[o] + (e.bias ? e.bias[o] : 0.f));
+    store_float(y + j, float(acc[j] - e.offset[o]) * e.scale[o] + e.bias[o]);
   }
 }
 
 template <typename T>
 DDPM_AVX512 void epilogue_row_avx512(const int32_t* acc, int64_t o0, int64_t count, T* y, const Epilogue& e) {
-  const __m512i vz = _mm512_set1_epi32(e.zp);
   for (int64_t j = 0; j < count; j += 16) {
     const __mmask16 m = tail_mask(count - j);
     const int64_t o = o0 + j;
-    const __m512i corrected =
-        _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, acc + j), _mm512_mullo_epi32(vz, _mm512_maskz_loadu_epi32(m, e.colsum + o)));
-    const __m512 b = e.bias ? _mm512_maskz_loadu_ps(m, e.bias + o) : _mm512_setzero_ps();
+    const __m512i corrected = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, acc + j), _mm512_maskz_loadu_epi32(m, e.offset + o));
+    const __m512 b = _mm512_maskz_loadu_ps(m, e.bias + o);
     store16(y + j, _mm512_fmadd_ps(_mm512_cvtepi32_ps(corrected), _mm512_maskz_loadu_ps(m, e.scale + o), b), m);
   }
 }
@@ -338,10 +336,11 @@ Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& c
   std::vector<float> scale(O);
   for (int64_t o = 0; o < O; ++o) scale[o] = static_cast<float>(double(ws.data_ptr<float>()[o]) * x_scale);
   const Tensor cs = colsum.contiguous();
-  const Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : Tensor();
-  TORCH_CHECK(!b.defined() || b.numel() == O, "int8_conv2d: bias must be (", O, ",)");
-  const Epilogue e{cs.data_ptr<int32_t>(), scale.data(), b.defined() ? b.data_ptr<float>() : nullptr,
-                   static_cast<int>(x_zero_point)};
+  std::vector<int32_t> offset(O);
+  for (int64_t o = 0; o < O; ++o) offset[o] = static_cast<int32_t>(x_zero_point) * cs.data_ptr<int32_t>()[o];
+  const Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::zeros({O});
+  TORCH_CHECK(b.numel() == O, "int8_conv2d: bias must be (", O, ",)");
+  const Epilogue e{offset.data(), scale.data(), b.data_ptr<float>(), static_cast<int>(x_zero_point)};
   const float inv_scale = static_cast<float>(1.0 / x_scale);
   if (x.scalar_type() == at::kFloat)
     conv_impl<float>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0],
