@@ -19,6 +19,7 @@ PLUGINS = {
     "channels_last": "ddpm_perf_plugins.channels_last:ChannelsLast",
     "amp": "ddpm_perf_plugins.amp:Amp",
     "tf32": "ddpm_perf_plugins.tf32:TF32",
+    "prepack": "ddpm_perf_plugins.prepack:Prepack",
     "compile": "ddpm_perf_plugins.compile:Compile",
     "checkpoint": "ddpm_perf_plugins.checkpoint:Checkpoint",
     "cuda_graphs": "ddpm_perf_plugins.cuda_graphs:CudaGraphs",

@@ -33,10 +33,12 @@ from ddpm_perf.plugins import PluginHost
 
 SPECS = ("", "channels_last", "amp", "amp(weights=true)", "channels_last,amp", "channels_last,amp(weights=true)",
          "channels_last,amp(weights=true,keep_float=none)", "channels_last,fused_norm,amp(weights=true)",
+         "prepack", "channels_last,amp(weights=true),prepack",
          "compile", "channels_last,amp,compile", "channels_last,amp(weights=true),compile",
          # the kernel plugins (issue: fused_norm,int8 >= 3x eager fp32), alone and stacked
          "fused_norm", "fused_attention", "int8", "fused_norm,int8", "fused_norm,fused_attention,int8",
          "channels_last,fused_norm,fused_attention,int8", "fused_norm,int8,amp(weights=true)",
+         "fused_norm,int8,amp(weights=true),prepack",
          "fused_norm,fused_attention,int8,compile", "fused_norm,int8,amp(weights=true),compile")
 
 

@@ -147,3 +147,44 @@ def test_amp_training_is_close_to_fp32(tmp_path):
     assert abs(loss - ref_loss) / ref_loss < 2e-2
     with pytest.raises(UserError, match="float16 needs a CUDA device"):
         trainer(tmp_path, "amp(dtype=float16)")
+
+
+# ---- prepack ----
+
+@pytest.mark.parametrize("spec", ["prepack", "channels_last,prepack"])
+def test_prepack_matches_fp32_and_packs_each_conv_once(tiny_checkpoint, spec):
+    from ddpm_perf_plugins.prepack import PrepackedConv2d
+
+    eng = engine(tiny_checkpoint, spec)
+    convs = [m for m in eng.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(type(m) is PrepackedConv2d for m in convs)
+    assert any(line.startswith(f"prepack: {len(convs)} convolutions") for line in eng.ctx.report)
+    assert "blocks.down0_res0.conv1.weight" in eng.model.state_dict()  # keys unchanged
+    ref = eps_of(engine(tiny_checkpoint))
+    assert rel_err(eps_of(eng), ref) < 1e-5
+    packed = {id(m): m._packed for m in convs}
+    assert rel_err(eps_of(eng, seed=1), eps_of(engine(tiny_checkpoint), seed=1)) < 1e-5
+    assert all(m._packed is packed[id(m)] for m in convs)  # same shape: no second packing
+
+
+def test_prepack_packs_again_for_another_shape_and_stacks_with_amp(tiny_checkpoint):
+    eng = engine(tiny_checkpoint, "prepack")
+    eps_of(eng)
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn((2, *eng.image_shape), generator=g), torch.tensor([800, 30])
+    from ddpm_perf.model.unet import StepPlan
+    with torch.inference_mode():
+        got, want = eng.denoise(x, t, StepPlan()), engine(tiny_checkpoint).denoise(x, t, StepPlan())
+    assert rel_err(got, want) < 1e-5
+    for spec in ("amp,prepack", "channels_last,amp(weights=true,keep_float=none),prepack"):
+        bf16 = eps_of(engine(tiny_checkpoint, spec))
+        assert bf16.dtype == torch.float32
+        assert rel_err(bf16, eps_of(engine(tiny_checkpoint, spec.replace(",prepack", "")))) < 1e-2
+        assert 0 < rel_err(bf16, eps_of(engine(tiny_checkpoint))) < 2e-2
+
+
+def test_prepack_is_for_sampling_and_does_not_stack_with_compile(tiny_checkpoint, tmp_path):
+    with pytest.raises(UserError, match="prepack: sampling only"):
+        trainer(tmp_path, "prepack")
+    with pytest.raises(UserError, match="prepack and compile cannot be combined|compile and prepack cannot be combined"):
+        engine(tiny_checkpoint, "prepack,compile")
