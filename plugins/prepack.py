@@ -11,7 +11,6 @@ without compiling. Weights are constants once packed, so this is for sampling on
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddpm_perf.errors import UserError
@@ -26,9 +25,6 @@ class PrepackedConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_autocast_enabled("cpu"):  # the custom op is not on autocast's list: cast as conv2d would
             x = x.to(torch.get_autocast_dtype("cpu"))
-        if x.device.type != "cpu" or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return F.conv2d(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype),
-                            self.stride, self.padding, self.dilation, self.groups)
         key = (tuple(x.shape), x.dtype)
         if getattr(self, "_packed_key", None) != key:
             weight = self.weight.detach().to(x.dtype)
@@ -66,7 +62,9 @@ class Prepack(Plugin):
     def transform_model(self, model: nn.Module, ctx):
         if ctx.device.type != "cpu":
             return model
-        convs = [m for m in model.modules() if type(m) is nn.Conv2d]
+        # Numeric zero padding is what the packed op takes; the U-Net's convs all have it.
+        convs = [m for m in model.modules()
+                 if type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str)]
         for conv in convs:
             conv.__class__ = PrepackedConv2d  # same module and parameters; packs on first use
         ctx.report.append(f"prepack: {len(convs)} convolutions run on weights packed once for oneDNN")

@@ -32,7 +32,7 @@ using at::Tensor;
 #endif
 constexpr int kMR = KMR;  // pixels per tile
 constexpr int kNB = KNB;  // 16-channel output blocks per tile: 6 x 4 = 24 zmm accumulators
-constexpr int64_t kChunk = 16;  // tiles per task
+constexpr int64_t kChunk = 16;  // at most this many tiles per work item
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
