@@ -42,8 +42,8 @@ class Prepack(Plugin):
     description = "Reorder convolution weights once into oneDNN's blocked layout (CPU sampling)."
     phase = Phase.COMPILE  # after channels_last and amp(weights=true): pack the weights as they will run
     # compile traces modules, and the packed weights are opaque oneDNN tensors; step_aware slices
-    # the weights per step; patch_parallel's band convolutions call F.conv2d on the weights.
-    conflicts = ("compile", "step_aware", "patch_parallel")
+    # the weights per step.
+    conflicts = ("compile", "step_aware")
 
     @classmethod
     def available(cls):

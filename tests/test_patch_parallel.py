@@ -185,9 +185,10 @@ def test_a_rank_that_dies_stops_the_others(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("others", ["deep_cache(interval=2)", "early_exit"])
-def test_composes_with_step_plugins(tiny_checkpoint, tmp_path, others):
-    """sync bands with another plugin give what one process gives with that plugin."""
+@pytest.mark.parametrize("others", ["deep_cache(interval=2)", "early_exit", "prepack"])
+def test_composes_with_plugins(tiny_checkpoint, tmp_path, others):
+    """sync bands with another plugin give what one process gives with that plugin (prepack: the
+    bands' convolutions are plain nn.Conv2d modules, so it packs them)."""
     args = [*SAMPLE, "--checkpoint", str(tiny_checkpoint), "--steps", "4"]
     reference = one_process([*args, "--plugins", others], tmp_path)
     samples, _ = bands(2, args, "mode=sync", tmp_path, others)

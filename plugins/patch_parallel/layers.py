@@ -43,20 +43,28 @@ class Bands:
         return self.mode == "sync" or self.step <= self.warmup
 
 
+def band_conv(conv: nn.Conv2d, pad_width: int) -> nn.Conv2d:
+    """``conv`` without its vertical padding (rows of the image or of the other bands stand in for
+    it), sharing its parameters: a plain nn.Conv2d, so that plugins acting on convolutions later in
+    the order (prepack) act on the bands' convolutions too."""
+    band = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, (0, pad_width),
+                     conv.dilation, conv.groups, conv.bias is not None, device="meta")
+    band.weight, band.bias = conv.weight, conv.bias
+    return band
+
+
 class BandInput(nn.Module):
     """The first conv: cuts its band, with the rows its kernel needs, from the full input."""
 
     def __init__(self, conv: nn.Conv2d, bands: Bands):
         super().__init__()
-        self.conv, self.bands = conv, bands
+        self.conv, self.bands, self.pad = band_conv(conv, conv.padding[1]), bands, conv.padding[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        height, pad = x.shape[2], self.conv.padding[0]
+        height, pad = x.shape[2], self.pad
         rows = height // self.bands.world_size
         lo, hi = self.bands.rank * rows - pad, (self.bands.rank + 1) * rows + pad
-        band = F.pad(x[:, :, max(lo, 0):min(hi, height)], (0, 0, max(-lo, 0), max(hi - height, 0)))
-        c = self.conv
-        return F.conv2d(band, c.weight, c.bias, c.stride, (0, c.padding[1]), c.dilation, c.groups)
+        return self.conv(F.pad(x[:, :, max(lo, 0):min(hi, height)], (0, 0, max(-lo, 0), max(hi - height, 0))))
 
 
 class HaloConv2d(nn.Module):
@@ -65,8 +73,8 @@ class HaloConv2d(nn.Module):
 
     def __init__(self, conv: nn.Conv2d, bands: Bands, layer: int, top: int, bottom: int, pad_width: int):
         super().__init__()
-        self.conv, self.bands, self.layer = conv, bands, layer
-        self.top, self.bottom, self.pad_width = top, bottom, pad_width
+        self.conv, self.bands, self.layer = band_conv(conv, pad_width), bands, layer
+        self.top, self.bottom = top, bottom
 
     def forward(self, x: Tensor) -> Tensor:
         b = self.bands
@@ -82,8 +90,7 @@ class HaloConv2d(nn.Module):
             above, below = delivery.from_up, delivery.from_down
         rows = [above if above is not None else x.new_zeros(*x.shape[:2], self.top, x.shape[3]), x,
                 below if below is not None else x.new_zeros(*x.shape[:2], self.bottom, x.shape[3])]
-        c = self.conv
-        return F.conv2d(torch.cat(rows, 2), c.weight, c.bias, c.stride, (0, self.pad_width), c.dilation, c.groups)
+        return self.conv(torch.cat(rows, 2))
 
 
 class BandDownsample(nn.Module):
