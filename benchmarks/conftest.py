@@ -59,6 +59,7 @@ import torch  # noqa: E402
 from torch.utils import flop_counter  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from ddpm_perf import memory  # noqa: E402
 from ddpm_perf.model.checkpoint import Checkpoint  # noqa: E402
 from ddpm_perf.model.config import CONFIGS, UNetConfig  # noqa: E402
 from ddpm_perf.model.unet import UNet, count_parameters  # noqa: E402
@@ -70,6 +71,7 @@ SMOKE_COMPILE = os.environ.get("DDPM_PERF_BENCH_SMOKE_COMPILE", "").lower() in (
 INJECT_SLOWDOWN = float(os.environ.get("DDPM_PERF_BENCH_INJECT_SLOWDOWN", "0") or 0)
 INJECT_INTO = os.environ.get("DDPM_PERF_BENCH_INJECT_INTO", "")
 torch.set_num_threads(THREADS)
+HEAP = memory.keep_freed_memory()  # as the CLI does, for baselines and plugins alike
 
 REQUIRED_INFO = ("plugins", "batch", "shape", "dtype", "device", "seconds_per_step", "images_per_s",
                  "gflop_per_s")
@@ -353,6 +355,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     machine_info["mkldnn"] = torch.backends.mkldnn.is_available()
     machine_info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
+    machine_info["heap"] = HEAP
     machine_info["ddpm_perf_bench_smoke"] = SMOKE
     # machine_info must not change from run to run on the same machine: pytest-benchmark compares
     # it with the baseline's (--benchmark-compare) and warns on any difference (and 5.2.3 crashes

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import torch
 
-from . import __version__
+from . import __version__, memory
 from .errors import RunWarning, UserError
 
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpmpp": 20}
@@ -83,6 +83,7 @@ def positive(ctx, param, value):
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def main(debug: bool) -> None:
     """ddpm-perf: fast DDPM sampling and training with pluggable speedups."""
+    memory.keep_freed_memory()  # before any model exists: every step's activations stay mapped
 
 
 plugins_option = click.option(
@@ -467,6 +468,7 @@ def info() -> None:
     for device in devices:
         for op, backend in ops.backends(device).items():
             click.echo(f"op {op} on {device}: {backend}")
+    click.echo(f"heap: {memory.status()}")
     click.echo(f"embedded model: {default_checkpoint()}")
 
 
