@@ -3,7 +3,7 @@
 glibc serves large allocations with mmap (above a threshold that adapts up to 32 MiB) and returns
 freed memory to the OS (trimming). A U-Net step allocates and frees its activations every time,
 so every step faults them back in, page by page: ~32,000 minor faults per cifar10 sampling step
-at batch 8 (~120 MiB), ~28,000 per training step at batch 16, measured at 3-10% of the step
+at batch 8 (~120 MiB), ~28,000 per training step at batch 16, 3-8% of a step measured
 (docs/performance.md, "Page faults"). With the mmap threshold at its maximum and trimming off,
 the heap keeps that memory and reuses it: no faults, the same peak RSS. The cost: a process does
 not shrink after its peak, which is what a sampling or training run wants anyway.

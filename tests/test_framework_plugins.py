@@ -152,19 +152,43 @@ def test_amp_training_is_close_to_fp32(tmp_path):
 # ---- prepack ----
 
 @pytest.mark.parametrize("spec", ["prepack", "channels_last,prepack"])
-def test_prepack_matches_fp32_and_packs_each_conv_once(tiny_checkpoint, spec):
-    from ddpm_perf_plugins.prepack import PrepackedConv2d
+def test_prepack_matches_fp32_and_packs_each_layer_once(tiny_checkpoint, spec):
+    from ddpm_perf_plugins.prepack import PrepackedConv2d, PrepackedLinear
 
     eng = engine(tiny_checkpoint, spec)
     convs = [m for m in eng.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    linears = [m for m in eng.model.modules() if isinstance(m, torch.nn.Linear)]
     assert convs and all(type(m) is PrepackedConv2d for m in convs)
-    assert any(line.startswith(f"prepack: {len(convs)} convolutions") for line in eng.ctx.report)
+    assert linears and all(type(m) is PrepackedLinear for m in linears)  # time embedding, attention
+    assert f"prepack: {len(convs)} convolutions and {len(linears)} linear layers run on weights packed once " \
+           "for oneDNN" in eng.ctx.report
     assert "blocks.down0_res0.conv1.weight" in eng.model.state_dict()  # keys unchanged
     ref = eps_of(engine(tiny_checkpoint))
     assert rel_err(eps_of(eng), ref) < 1e-5
-    packed = {id(m): m._packed for m in convs}
+    layers = convs + linears
+    packed = {id(m): m._packed for m in layers}
     assert rel_err(eps_of(eng, seed=1), eps_of(engine(tiny_checkpoint), seed=1)) < 1e-5
-    assert all(m._packed is packed[id(m)] for m in convs)  # same shape: no second packing
+    assert all(m._packed is packed[id(m)] for m in layers)  # same shape: no second packing
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_linear_matches_linear(bias, dtype):
+    """Against F.linear on 2-D and 3-D input, non-contiguous input, and another row count than the
+    one it packed for (which packs again)."""
+    from ddpm_perf_plugins.prepack import PrepackedLinear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(48, 40, bias=bias).to(dtype)
+    ref = torch.nn.Linear(48, 40, bias=bias).to(dtype)
+    ref.load_state_dict(layer.state_dict())
+    layer.__class__ = PrepackedLinear
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    with torch.inference_mode():
+        for x in (torch.randn(6, 48), torch.randn(2, 9, 48), torch.randn(9, 2, 48).transpose(0, 1)):
+            x = x.to(dtype)
+            assert rel_err(layer(x).float(), ref(x).float()) < tol
+        assert layer._packed_key == (18, dtype)
 
 
 def test_prepack_packs_again_for_another_shape_and_stacks_with_amp(tiny_checkpoint):
