@@ -45,10 +45,14 @@ class PrepackedConv2d(PackedWeights, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         x = autocast_input(x)
-        weight, bias = self.packed_for((tuple(x.shape), x.dtype), lambda w: torch.ops.mkldnn._reorder_convolution_weight(
-            w, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape)))
-        return torch.ops.mkldnn._convolution_pointwise(
-            x, weight, bias, list(self.padding), list(self.stride), list(self.dilation), self.groups, "none", [], "")
+        padding, stride, dilation = list(self.padding), list(self.stride), list(self.dilation)
+
+        def pack(w: Tensor) -> Tensor:
+            return torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, self.groups, list(x.shape))
+
+        weight, bias = self.packed_for((tuple(x.shape), x.dtype), pack)
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, self.groups,
+                                                       "none", [], "")
 
 
 class PrepackedLinear(PackedWeights, nn.Linear):
