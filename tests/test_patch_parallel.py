@@ -249,3 +249,20 @@ def test_layers_it_cannot_split_are_refused_not_computed_on_a_band():
     odd.blocks["mid_res0"].norm1 = torch.nn.BatchNorm2d(odd.blocks["mid_res0"].norm1.num_channels)
     with pytest.raises(UserError, match="cannot split BatchNorm2d layers"):
         split_into_bands(odd, bands)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("edge", ["top", "bottom", "inside"])
+def test_halo_rows_are_stacked_in_the_bands_memory_format(layout, edge):
+    """The halo rows around a band equal torch.cat's, zeros at the image's edges, and come out in
+    the band's memory format (oneDNN's convs return channels_last; received rows are NCHW)."""
+    from ddpm_perf_plugins.patch_parallel.layers import _stack_rows
+
+    x = torch.randn(2, 5, 4, 3).contiguous(memory_format=layout)
+    above = None if edge == "top" else torch.randn(2, 5, 1, 3)
+    below = None if edge == "bottom" else torch.randn(2, 5, 2, 3)
+    out = _stack_rows(above, x, below, 1, 2)
+    expected = torch.cat([above if above is not None else torch.zeros(2, 5, 1, 3), x,
+                          below if below is not None else torch.zeros(2, 5, 2, 3)], 2)
+    assert torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=layout)
