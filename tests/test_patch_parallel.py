@@ -195,7 +195,7 @@ def test_composes_with_plugins(tiny_checkpoint, tmp_path, others):
     np.testing.assert_allclose(samples, reference, rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("amp", ["amp", "amp(keep_float=none)"])
+@pytest.mark.parametrize("amp", ["amp", "amp(keep_float=none)", "amp(weights=true)"])
 def test_composes_with_amp(tiny_checkpoint, tmp_path, amp):
     """bf16 autocast: the bands' sums round differently from one process's, and a random tiny
     model amplifies rounding (single pixels differ by ~0.15 between the two bf16 runs). So both
@@ -266,3 +266,34 @@ def test_halo_rows_are_stacked_in_the_bands_memory_format(layout, edge):
                           below if below is not None else torch.zeros(2, 5, 2, 3)], 2)
     assert torch.equal(out, expected)
     assert out.is_contiguous(memory_format=layout)
+
+
+def test_global_moments_of_the_bands():
+    """Exact steps: the moments of the whole image from its bands'. Displaced steps: the stale
+    moments of every band plus the change of the own band's since (DistriFusion), the own
+    variance where that estimate is negative."""
+    from ddpm_perf_plugins.patch_parallel.layers import global_moments
+
+    torch.manual_seed(0)
+    world, batch, groups = 3, 2, 4
+    image = torch.randn(batch, groups, world * 5, 7, dtype=torch.float64) * 3 + 1
+    bands = image.chunk(world, 2)
+
+    def moments(x):
+        return torch.stack([x.mean((2, 3)), x.var((2, 3), correction=0)])
+
+    mean, var = global_moments(torch.stack([moments(b) for b in bands]), moments(bands[1]), 1, exact=True)
+    torch.testing.assert_close(mean, image.mean((2, 3)), rtol=1e-12, atol=0)
+    torch.testing.assert_close(var, image.var((2, 3), correction=0), rtol=1e-12, atol=0)
+
+    fresh = moments(bands[1] * 1.5 + 0.25)
+    fresh[1, 0, 0] = 1e-6  # the estimate of this group's variance comes out negative
+    stale = torch.stack([moments(b) for b in bands])
+    means, second = stale[:, 0], stale[:, 1] + stale[:, 0] ** 2
+    expected_mean = means.mean(0) + fresh[0] - means[1]
+    expected_var = second.mean(0) + fresh[1] + fresh[0] ** 2 - second[1] - expected_mean ** 2
+    assert expected_var[0, 0] < 0
+    expected_var[0, 0] = fresh[1, 0, 0]
+    mean, var = global_moments(stale, fresh, 1, exact=False)
+    torch.testing.assert_close(mean, expected_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(var, expected_var, rtol=1e-12, atol=0)

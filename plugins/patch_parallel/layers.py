@@ -126,14 +126,8 @@ class BandDownsample(nn.Module):
 
 
 class BandNorm(nn.Module):
-    """NormAct with the statistics of the whole image.
-
-    Each rank sends its per-(sample, group) mean and variance. Exact steps combine all ranks'
-    (equal band sizes: the mean of means, the mean of variances plus the variance of means).
-    Displaced steps use DistriFusion's corrected asynchronous GroupNorm: the other ranks' stale
-    moments plus the change of this rank's own since it sent them, falling back to the local
-    variance where the estimate comes out negative.
-    """
+    """NormAct with the statistics of the whole image: each rank sends its per-(sample, group)
+    mean and variance, and ``global_moments`` combines what the ranks sent."""
 
     def __init__(self, norm: NormAct, bands: Bands, layer: int):
         super().__init__()
@@ -144,27 +138,34 @@ class BandNorm(nn.Module):
         if shift is not None:
             x = x + shift[:, :, None, None]
         batch, channels = x.shape[:2]
-        mean, var = _group_moments(x, n.num_groups)
-        local = torch.stack([mean, var])
+        local = torch.stack(_group_moments(x, n.num_groups))  # (2, B, G): mean, variance
         delivery = b.exchange.send(Message(self.layer, "norm", to_all=local), wait=b.exact)
-        ranks = torch.stack(delivery.from_all).double()  # (world, 2, B, G)
-        if b.exact:
-            mean_all = ranks[:, 0].mean(0)
-            var_all = ranks[:, 1].mean(0) + (ranks[:, 0] - mean_all).square().mean(0)
-        else:
-            moments = torch.stack([ranks[:, 0], ranks[:, 1] + ranks[:, 0].square()], 1)  # E[x], E[x^2]
-            fresh = torch.stack([mean, var + mean.square()]).double()
-            estimate = moments.mean(0) + (fresh - moments[b.rank])
-            mean_all = estimate[0]
-            var_all = estimate[1] - mean_all.square()
-            var_all = torch.where(var_all < 0, var.double(), var_all)
-        rstd = (var_all + n.eps).rsqrt()
+        mean, var = global_moments(torch.stack(delivery.from_all).double(), local.double(), b.rank, b.exact)
         group_size = channels // n.num_groups
-        scale = n.weight.double().view(1, n.num_groups, group_size) * rstd[:, :, None]  # (B, G, C/G)
-        offset = n.bias.double().view(1, n.num_groups, group_size) - mean_all[:, :, None] * scale
+        scale = n.weight.double().view(1, n.num_groups, group_size) * (var + n.eps).rsqrt()[:, :, None]
+        offset = n.bias.double().view(1, n.num_groups, group_size) - mean[:, :, None] * scale  # (B, G, C/G)
         y = torch.addcmul(offset.reshape(batch, channels, 1, 1).to(x.dtype), x,
                           scale.reshape(batch, channels, 1, 1).to(x.dtype))
         return F.silu(y) if n.silu else y
+
+
+def global_moments(ranks: Tensor, own: Tensor, rank: int, exact: bool) -> tuple[Tensor, Tensor]:
+    """The whole image's per-(sample, group) mean and variance from every band's.
+
+    ``ranks``: (world, 2, B, G) mean and variance each rank sent, ``own``: (2, B, G) this rank's
+    now. Exact steps (equal band sizes): the mean of means, the mean of variances plus the
+    variance of means. Displaced steps use DistriFusion's corrected asynchronous GroupNorm: the
+    other ranks' stale moments plus the change of this rank's own since it sent them, falling
+    back to the local variance where the estimate comes out negative.
+    """
+    means, variances = ranks[:, 0], ranks[:, 1]
+    if exact:
+        mean = means.mean(0)
+        return mean, variances.mean(0) + ((means - mean) ** 2).mean(0)
+    mean = means.mean(0) + own[0] - means[rank]
+    second = (variances + means ** 2).mean(0) + (own[1] + own[0] ** 2) - (variances[rank] + means[rank] ** 2)
+    variance = second - mean ** 2
+    return mean, torch.where(variance < 0, own[1], variance)
 
 
 def _group_moments(x: Tensor, groups: int) -> tuple[Tensor, Tensor]:
