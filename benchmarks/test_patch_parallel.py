@@ -1,6 +1,7 @@
 """Patch parallelism (issue 6): 2 ranks x 1 thread against 1 process x 1 thread, celeba64 config
 (random weights: speed only), DDIM 20 steps, batch 1 (the latency case patch parallelism is
-for) and, for displaced, batch 4; runs alternated in one test; the bytes per step at 4 ranks;
+for) and, for displaced, batch 4 and displaced steps alone (with and without prepack on both
+sides); runs alternated in one test; the bytes per step at 4 ranks;
 the quality of displaced and pcpp on the digits model (smoke: tiny sizes).
 
 Every run is the user's command (``ddpm-perf sample``, under torchrun for the bands); the step
@@ -99,35 +100,52 @@ def test_parallel_ceiling(benchmark, tmp_path):
                                 seconds_per_step=flop / (one * 1e9), flops_per_image=flop, batch=1, steps=1)
 
 
-# At batch 1 the 3x3 convs of the 8x8 and 4x4 levels are bound by reading their weights, which
-# every rank reads in full whatever its rows; at batch 4 they are compute-bound and split.
-@pytest.mark.parametrize("mode, batch", [*((m, 1) for m in MODES), ("displaced", 4)],
-                         ids=[*MODES, "displaced-batch4"])
-def test_patch_parallel_step(benchmark, tmp_path, random_checkpoint, mode, batch):
+# At batch 1 without prepack the 3x3 convs of the 8x8 and 4x4 levels are bound by reading their
+# weights, which every rank reads in full whatever its rows; at batch 4 they are compute-bound
+# and split. "steady": displaced steps alone (warm-up 0; the time of STEPS // 2 more steps, so the
+# exact first step and start-up cancel), also with prepack on both sides (like for like).
+STEP_CASES = {
+    **{m: (m, 1, "", False) for m in MODES},
+    "displaced-batch4": ("displaced", 4, "", False),
+    "displaced-steady": ("displaced", 1, "", True),
+    "displaced-steady-prepack": ("displaced", 1, "prepack", True),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_patch_parallel_step(benchmark, tmp_path, random_checkpoint, case):
+    mode, batch, plugins, steady = STEP_CASES[case]
     path, config, params = random_checkpoint
     args = ["sample", "--checkpoint", str(path), "--num-images", str(batch), "--batch-size", str(batch),
-            "--steps", str(STEPS), "--no-progress", "--out", "out.npy"]
+            "--no-progress", "--out", "out.npy"]
+    bands = f"patch_parallel(mode={mode}{',warmup=0' if steady else ''})" + (f",{plugins}" if plugins else "")
     one, two, sent = [], [], {}
+
+    def step_ms(ranks: int) -> float:
+        cmd = [*args, *(["--plugins", bands] if ranks == 2 else ["--plugins", plugins] if plugins else [])]
+        if not steady:
+            stdout = run([*cmd, "--steps", str(STEPS)], tmp_path, ranks)
+            sent.update(sent_per_step(stdout) if ranks == 2 else {})
+            return ms_per_step(stdout)
+        short, long = STEPS // 2, STEPS
+        totals = [ms_per_step(run([*cmd, "--steps", str(n)], tmp_path, ranks)) * n for n in (short, long)]
+        return (totals[1] - totals[0]) / (long - short)
 
     def pair() -> None:
         order = (1, 2) if len(one) % 2 == 0 else (2, 1)
         for ranks in order:
-            if ranks == 1:
-                one.append(ms_per_step(run(args, tmp_path)))
-            else:
-                stdout = run([*args, "--plugins", f"patch_parallel(mode={mode})"], tmp_path, ranks=2)
-                two.append(ms_per_step(stdout))
-                sent.update(sent_per_step(stdout))
+            (one if ranks == 1 else two).append(step_ms(ranks))
 
     benchmark.pedantic(pair, rounds=PAIRS, iterations=1)
     speedups = [a / b for a, b in zip(one, two)]
     benchmark.extra_info.update(
-        plugins=f"patch_parallel(mode={mode}), 2 ranks", config=CONFIG, parameters=params, batch=batch,
-        shape=[batch, config.in_channels, config.image_size, config.image_size], mode="sample", threads=1,
-        sampler=f"DDIM {STEPS}", steps=1, warmup_steps=0 if mode == "sync" else 5,
+        plugins=f"{bands}, 2 ranks", baseline_plugins=plugins or "none", config=CONFIG, parameters=params,
+        batch=batch, shape=[batch, config.in_channels, config.image_size, config.image_size], mode="sample",
+        threads=1, sampler=f"DDIM {STEPS}" if not steady else f"DDIM {STEPS} - DDIM {STEPS // 2} (displaced steps)",
+        steps=1, warmup_steps=0 if mode == "sync" or steady else 5,
         seconds_per_step=statistics.median(two) / 1e3, one_process_seconds_per_step=statistics.median(one) / 1e3,
         speedup_vs_one_process=statistics.median(speedups), speedups=speedups,
-        bytes_sent_per_step_per_rank=sent, bytes_total_per_step_per_rank=sum(sent.values()),
+        **({"bytes_sent_per_step_per_rank": sent, "bytes_total_per_step_per_rank": sum(sent.values())} if sent else {}),
     )
 
 
