@@ -47,6 +47,26 @@ def test_matches_reference(n, c, o, hw, k, stride, pad, dtype, channels_last, wi
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("stride, pad", [(1, 1), (2, 0), (1, 0)])
+def test_threads_split_images_anywhere_and_agree(stride, pad):
+    """Each thread quantises the input rows its own output pixels need: with 1 to 5 threads the
+    work splits inside images at different rows, and the results are bit-identical."""
+    _, wq, scale, bias, colsum = quantized(37, 20, 3)
+    x = torch.randn(3, 20, 13, 9).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3, 5):
+            torch.set_num_threads(t)
+            results.append(run(x, wq, scale, bias, colsum, 0.02, 7, 3, stride, pad))
+    finally:
+        torch.set_num_threads(threads)
+    for y in results[1:]:
+        assert torch.equal(y, results[0])
+    y_ref = reference.int8_conv2d(x, wq, scale, bias, 0.02, 7, (stride, stride), (pad, pad))
+    torch.testing.assert_close(results[0], y_ref, **TOL[torch.float32])
+
+
 def test_cifar10_shape_is_close_to_the_float_conv():
     """At a real layer's shape the int8 result stays within ~2% of the fp32 convolution."""
     weight, wq, scale, bias, colsum = quantized(128, 128, 3)

@@ -223,28 +223,27 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
     if (Cp > C) std::memset(dst + C, zp8, Cp - C);  // the padded channels meet zero weights, but
   };                                                 // results never depend on uninitialised memory
 
-  // 1. quantise into the zero-point-padded NHWC buffer; only the border is filled with the zero
-  // point. A pointwise conv (1x1, stride 1, no padding) skips this pass: each work item quantises
-  // its chunk of pixels into a thread-local buffer (below), which saves writing and re-reading
-  // the uint8 copy of x, a quarter of the bytes of these memory-bound convs.
+  // 1. quantise into a zero-point-padded NHWC buffer, inside the same parallel region as the GEMM:
+  // each thread quantises the input rows its own output pixels need (a few rows twice where two
+  // threads' pixels meet) into a buffer of its own. A second parallel region costs more than
+  // those rows: ~30 us per conv when the threads sleep between regions (OMP_WAIT_POLICY=PASSIVE).
+  // A pointwise conv (1x1, stride 1, no padding) quantises per chunk of pixels instead (below),
+  // which also saves writing and re-reading a uint8 copy of these memory-bound convs' input.
   const bool pointwise = KH == 1 && KW == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
-  Tensor q_buffer = at::empty({pointwise ? 0 : N * Hp * Wp * Cp}, x.options().dtype(at::kByte));
-  uint8_t* q = q_buffer.data_ptr<uint8_t>();
-  if (!pointwise) {
-    at::parallel_for(0, N * Hp, 8, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t n = r / Hp, hp = r % Hp, h = hp - PH;
-        uint8_t* row = q + r * Wp * Cp;
-        if (h < 0 || h >= H) {
-          std::memset(row, zp8, Wp * Cp);
-          continue;
-        }
-        std::memset(row, zp8, PW * Cp);
-        std::memset(row + (W + PW) * Cp, zp8, PW * Cp);
-        for (int64_t w = 0; w < W; ++w) quantize_pixel(xp + ((n * H + h) * W + w) * C, row + (w + PW) * Cp);
+  // Padded rows [hp0, hp1] of images [n0, n1] into q, laid out as [n - n0][Hp][Wp][Cp].
+  auto quantize_rows = [&](uint8_t* q, int64_t n0, int64_t n, int64_t hp0, int64_t hp1) {
+    for (int64_t hp = hp0; hp <= hp1; ++hp) {
+      const int64_t h = hp - PH;
+      uint8_t* row = q + ((n - n0) * Hp + hp) * Wp * Cp;
+      if (h < 0 || h >= H) {
+        std::memset(row, zp8, Wp * Cp);
+        continue;
       }
-    });
-  }
+      std::memset(row, zp8, PW * Cp);
+      std::memset(row + (W + PW) * Cp, zp8, PW * Cp);
+      for (int64_t w = 0; w < W; ++w) quantize_pixel(xp + ((n * H + h) * W + w) * C, row + (w + PW) * Cp);
+    }
+  };
 
   // 2-4. tiles of kMR output pixels x up to kNB output blocks
   std::vector<int64_t> tap_offset(taps);
@@ -265,6 +264,17 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
     alignas(64) int32_t acc[kMR * kNB * 16];
     std::vector<uint8_t> local(pointwise ? chunk_tiles * kMR * Cp : 0);  // pointwise: this chunk's pixels
     int64_t local_chunk = -1;
+    // k x k: the padded input rows under this run of items' output rows r0..r1 (r = n * OH + oh).
+    const int64_t r0 = std::min(M - 1, begin / groups * chunk_tiles * kMR) / OW;
+    const int64_t r1 = (std::min(M, ((end - 1) / groups + 1) * chunk_tiles * kMR) - 1) / OW;
+    const int64_t n0 = r0 / OH;
+    Tensor rows = at::empty({pointwise ? 0 : (r1 / OH - n0 + 1) * Hp * Wp * Cp}, x.options().dtype(at::kByte));
+    uint8_t* q = rows.data_ptr<uint8_t>();
+    if (!pointwise)
+      for (int64_t n = n0; n <= r1 / OH; ++n) {
+        const int64_t oh0 = n == n0 ? r0 % OH : 0, oh1 = n == r1 / OH ? r1 % OH : OH - 1;
+        quantize_rows(q, n0, n, oh0 * SH, oh1 * SH + KH - 1);
+      }
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item / groups, ob = item % groups * kNB;
       const int64_t tile_end = std::min(tiles, (chunk + 1) * chunk_tiles);
@@ -282,7 +292,8 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
         Tile t{{}, tap_offset.data(), taps, Cp / 4, wp + ob * block_stride, block_stride};
         for (int i = 0; i < kMR; ++i) {
           const int64_t m = m0 + std::min(i, mr - 1), n = m / (OH * OW), oh = m / OW % OH, ow = m % OW;
-          t.pixel[i] = pointwise ? local.data() + (m - first_pixel) * Cp : q + ((n * Hp + oh * SH) * Wp + ow * SW) * Cp;
+          t.pixel[i] = pointwise ? local.data() + (m - first_pixel) * Cp
+                                 : q + (((n - n0) * Hp + oh * SH) * Wp + ow * SW) * Cp;
         }
         if (vnni)
           kVnniKernels[mr - 1][nb - 1](t, acc);
