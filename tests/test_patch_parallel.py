@@ -185,7 +185,7 @@ def test_a_rank_that_dies_stops_the_others(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-@pytest.mark.parametrize("others", ["deep_cache(interval=2)", "early_exit", "prepack"])
+@pytest.mark.parametrize("others", ["deep_cache(interval=2)", "early_exit", "prepack", "channels_last"])
 def test_composes_with_plugins(tiny_checkpoint, tmp_path, others):
     """sync bands with another plugin give what one process gives with that plugin (prepack: the
     bands' convolutions are plain nn.Conv2d modules, so it packs them)."""
