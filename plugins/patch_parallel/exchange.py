@@ -170,20 +170,17 @@ class Exchange:
             flat_up = _flat(to_up) if to_up else None
             flat_down = _flat(to_down) if to_down else None
             # What the rank above sends down has the shape of what I send down, and vice versa.
-            if self.up is not None:
-                if flat_up is not None:
-                    flight.works.append(dist.isend(flat_up, self.up, group=group, tag=up_tag))
-                    self._count(ms, "to_up", 1)
-                if flat_down is not None:
-                    flight.recv_up[dtype] = torch.empty_like(flat_down)
-                    flight.works.append(dist.irecv(flight.recv_up[dtype], self.up, group=group, tag=down_tag))
-            if self.down is not None:
-                if flat_down is not None:
-                    flight.works.append(dist.isend(flat_down, self.down, group=group, tag=down_tag))
-                    self._count(ms, "to_down", 1)
-                if flat_up is not None:
-                    flight.recv_down[dtype] = torch.empty_like(flat_up)
-                    flight.works.append(dist.irecv(flight.recv_down[dtype], self.down, group=group, tag=up_tag))
+            for peer, send, send_tag, part, like, recv_tag, received in (
+                    (self.up, flat_up, up_tag, "to_up", flat_down, down_tag, flight.recv_up),
+                    (self.down, flat_down, down_tag, "to_down", flat_up, up_tag, flight.recv_down)):
+                if peer is None:
+                    continue
+                if send is not None:
+                    flight.works.append(dist.isend(send, peer, group=group, tag=send_tag))
+                    self._count(ms, part, 1)
+                if like is not None:
+                    received[dtype] = torch.empty_like(like)
+                    flight.works.append(dist.irecv(received[dtype], peer, group=group, tag=recv_tag))
         return flight
 
     def _land(self, flight: _Flight) -> dict[int, Delivery]:
