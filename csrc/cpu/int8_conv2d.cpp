@@ -1,6 +1,7 @@
 // CPU kernels of int8_conv2d: uint8 activations x int8 weights -> int32 -> dequantised output.
 //
-// 1. x is quantised once into a zero-point-padded NHWC uint8 buffer (channels rounded up to 4).
+// 1. x is quantised into zero-point-padded NHWC uint8 (channels rounded up to 4), by each thread
+//    for the input rows its own output pixels need, in the same parallel region as steps 2-4.
 // 2. An implicit GEMM: M = output pixels, N = output channels, K = taps x channels. No im2col: a
 //    tile of MR pixels keeps one base pointer per pixel and walks the taps by offset.
 // 3. AVX-512 VNNI micro-kernel: MR x (16 NB) int32 accumulators; per group of 4 channels it loads
