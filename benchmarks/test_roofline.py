@@ -1,7 +1,8 @@
 """The roofline of this machine, measured in the same run as the other suites: fp32 and bf16
 matmul (and the 3x3 convolution of the cifar10 U-Net, in both), int8 ``torch._int_mm`` and
 memory bandwidth (copy, add). The kernels are those of benchmarks/machine.py (the "Machine"
-table of docs/performance.md); smoke runs use small sizes.
+table of docs/performance.md); smoke runs use small sizes. ``test_instruction_peak`` adds the
+CPU's own ceiling per dtype (benchmarks/instruction_peak.cpp), recorded apart from the limits.
 
 Each benchmark records ``roofline_rate`` (the work of one call over its median time; a
 multiply-add counts 2) and ``roofline_rate_best`` (fastest call) in ``roofline_unit`` (GFLOP/s,
@@ -16,7 +17,10 @@ Why the limit is the best of matmul *and* conv: on these machines MKL's fp32 mat
 
 from __future__ import annotations
 
+import shutil
 import statistics
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,3 +51,40 @@ def test_roofline(benchmark, bench, timing, key):
     timing.headline(f"roofline {kernel.label:40s} {info['roofline_rate']:8.1f} (best {info['roofline_rate_best']:.1f}) "
                     f"{kernel.unit}")
     assert torch.isfinite(torch.as_tensor(info["roofline_rate"]))
+
+
+# (instruction, operations per instruction, compiler flag, /proc/cpuinfo flag): fp32 FMA (16 lanes x
+# 2), bf16 pairs into fp32 (16 lanes x 2 pairs x 2), uint8 x int8 quads into int32 (16 x 4 x 2).
+PEAK_INSTRUCTIONS = {
+    "float32": ("vfmadd231ps", 32, "-mavx512f", "avx512f"),
+    "bfloat16": ("vdpbf16ps", 64, "-mavx512bf16", "avx512_bf16"),
+    "int8": ("vpdpbusd", 128, "-mavx512vnni", "avx512_vnni"),
+}
+
+
+@pytest.mark.parametrize("dtype", list(PEAK_INSTRUCTIONS))
+def test_instruction_peak(benchmark, bench, tmp_path, dtype):
+    """The CPU's own ceiling for a dtype: its AVX-512 multiply-add instruction issued back to back
+    on every thread, no memory traffic (benchmarks/instruction_peak.cpp). Recorded as kind "peak":
+    the nightly report's FLOP limits stay the best measured matmul or conv of the run."""
+    insn, ops, flag, cpu_flag = PEAK_INSTRUCTIONS[dtype]
+    cpuinfo = Path("/proc/cpuinfo")
+    if shutil.which("g++") is None or not cpuinfo.exists() or f" {cpu_flag}" not in cpuinfo.read_text():
+        pytest.skip(f"needs g++ and a CPU with {cpu_flag}")
+    exe = tmp_path / "peak"
+    subprocess.run(["g++", "-O2", "-pthread", flag, f"-DPEAK_INSN={insn}", f"-DPEAK_OPS={ops}", "-o", str(exe),
+                    str(Path(__file__).with_name("instruction_peak.cpp"))], check=True)
+    threads, iterations = torch.get_num_threads(), 200_000 if bench.smoke else 20_000_000
+    rates: list[float] = []
+    benchmark.pedantic(lambda: rates.append(float(subprocess.run([str(exe), str(threads), str(iterations)],
+                                                                 capture_output=True, text=True, check=True).stdout)),
+                       rounds=1 if bench.smoke else 3, iterations=1)
+    rate, work = statistics.median(rates) / 1e9, iterations * 24 * ops * threads / 1e9  # work of one run
+    unit = "GOP/s" if dtype == "int8" else "GFLOP/s"
+    benchmark.extra_info.update(
+        plugins="none", config=None, parameters=None, mode="kernel", steps=1, batch=1, shape=[insn], dtype=dtype,
+        roofline_kernel=f"{dtype}_peak", roofline_label=f"{insn} peak, {threads} threads (registers only)",
+        roofline_kind="peak", roofline_op=insn, roofline_unit=unit, roofline_rate=rate,
+        roofline_rate_best=max(rates) / 1e9, roofline_work=work, threads=threads, seconds_per_step=work / rate,
+        images_per_s=None, image_steps_per_s=None, flops_per_image=work * 1e9)
+    assert rate > 0
