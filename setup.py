@@ -82,7 +82,8 @@ setup(
     packages=["ddpm_perf", "ddpm_perf.model", "ddpm_perf.diffusion", "ddpm_perf.data", "ddpm_perf.metrics",
               "ddpm_perf.ops", "ddpm_perf_plugins", "ddpm_perf_plugins.patch_parallel", "ddpm_perf_triton"],
     package_dir={"ddpm_perf": "ddpm_perf", "ddpm_perf_plugins": "plugins", "ddpm_perf_triton": "triton_kernels"},
-    package_data={"ddpm_perf": ["assets/*.safetensors", "assets/*.int8.json", "assets/*.step_aware.json"]},
+    package_data={"ddpm_perf": ["assets/*.safetensors", "assets/*.int8.json"],
+                  "ddpm_perf_plugins": ["assets/*.safetensors", "assets/*.step_aware.json"]},  # step_aware's model
     install_requires=[
         "torch>=2.4",  # install the build you want first (the Makefile pins the CPU build)
         "numpy", "click>=8", "pluggy>=1.3", "safetensors>=0.4", "tqdm", "pillow",

@@ -50,8 +50,8 @@ DEFAULT_WIDTHS = "1:0.75:0.5:0.25"  # ":" because "," separates plugin options
 
 
 def shipped_checkpoint() -> Path:
-    """The slimmable digits model shipped beside the embedded one (used when no checkpoint is given)."""
-    return Path(str(resources.files("ddpm_perf") / "assets" / "digits_slim.safetensors"))
+    """The slimmable digits model this plugin ships (used when no checkpoint is given)."""
+    return Path(str(resources.files("ddpm_perf_plugins") / "assets" / "digits_slim.safetensors"))
 
 
 # -- the slimmable layers ---------------------------------------------------------------------
