@@ -231,7 +231,7 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   // A pointwise conv (1x1, stride 1, no padding) quantises per chunk of pixels instead (below),
   // which also saves writing and re-reading a uint8 copy of these memory-bound convs' input.
   const bool pointwise = KH == 1 && KW == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
-  // Padded rows [hp0, hp1] of images [n0, n1] into q, laid out as [n - n0][Hp][Wp][Cp].
+  // Padded rows [hp0, hp1] of image n into q, a buffer laid out as [n - n0][Hp][Wp][Cp].
   auto quantize_rows = [&](uint8_t* q, int64_t n0, int64_t n, int64_t hp0, int64_t hp1) {
     for (int64_t hp = hp0; hp <= hp1; ++hp) {
       const int64_t h = hp - PH;
