@@ -125,7 +125,8 @@ def test_patch_parallel_step(benchmark, tmp_path, random_checkpoint, case):
         cmd = [*args, *(["--plugins", bands] if ranks == 2 else ["--plugins", plugins] if plugins else [])]
         if not steady:
             stdout = run([*cmd, "--steps", str(STEPS)], tmp_path, ranks)
-            sent.update(sent_per_step(stdout) if ranks == 2 else {})
+            if ranks == 2:
+                sent.update(sent_per_step(stdout))
             return ms_per_step(stdout)
         short, long = STEPS // 2, STEPS
         totals = [ms_per_step(run([*cmd, "--steps", str(n)], tmp_path, ranks)) * n for n in (short, long)]
