@@ -47,18 +47,20 @@ def test_matches_reference(n, c, o, hw, k, stride, pad, dtype, channels_last, wi
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
 
 
-@pytest.mark.parametrize("stride, pad", [(1, 1), (2, 0), (1, 0)])
-def test_threads_split_images_anywhere_and_agree(stride, pad):
-    """Each thread quantises the input rows its own output pixels need: with 1 to 5 threads the
-    work splits inside images at different rows, and the results are bit-identical."""
-    _, wq, scale, bias, colsum = quantized(37, 20, 3)
-    x = torch.randn(3, 20, 13, 9).contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (3, 2, 0), (3, 1, 0), (1, 1, 0)])
+@pytest.mark.parametrize("shape", [(3, 20, 13, 9), (1, 20, 3, 3)], ids=["split-inside-images", "fewer-tiles-than-threads"])
+def test_threads_split_images_anywhere_and_agree(k, stride, pad, shape):
+    """Each thread quantises the input rows (k x k) or pixels (1 x 1) its own output pixels need:
+    with 1 to 5 threads the work splits inside images at different rows, or leaves threads with
+    empty chunks, and the results are bit-identical."""
+    _, wq, scale, bias, colsum = quantized(37, 20, k)
+    x = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     try:
         results = []
         for t in (1, 2, 3, 5):
             torch.set_num_threads(t)
-            results.append(run(x, wq, scale, bias, colsum, 0.02, 7, 3, stride, pad))
+            results.append(run(x, wq, scale, bias, colsum, 0.02, 7, k, stride, pad))
     finally:
         torch.set_num_threads(threads)
     for y in results[1:]:

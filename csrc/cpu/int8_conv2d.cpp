@@ -287,14 +287,37 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
       }
       const int nb = static_cast<int>(std::min<int64_t>(kNB, Ob - ob));
       const int64_t o0 = ob * 16, count = std::min<int64_t>(nb * 16, O - o0);
+      // Pointwise: while the chunk's last group runs, prefetch the input the next chunk will
+      // quantise, a slice per tile; read in one burst it stalled on memory (a third of the time of
+      // a 384->128 1x1 conv at 32x32, batch 8).
+      const int64_t chunk_tiles_here = std::max<int64_t>(1, tile_end - chunk * chunk_tiles);  // chunks past the end are empty
+      const int64_t next_begin = std::min(M, tile_end * kMR) * C * int64_t(sizeof(T));
+      const int64_t next_bytes = pointwise && ob + kNB >= Ob && item + 1 < end
+          ? std::min(M, (tile_end + chunk_tiles) * kMR) * C * int64_t(sizeof(T)) - next_begin : 0;
+      const int64_t slice = round_up((next_bytes + chunk_tiles_here - 1) / chunk_tiles_here, 64);
+      const char* x_bytes = reinterpret_cast<const char*>(xp);
       for (int64_t tile = chunk * chunk_tiles; tile < tile_end; ++tile) {
         const int64_t m0 = tile * kMR;
         const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+        // The output lines this tile's epilogue writes, fetched while its GEMM runs: stores that
+        // miss fill the store queue and stalled the epilogue (a sixth of that 1x1 conv's time).
+        for (int i = 0; i < mr; ++i) {
+          const char* y = reinterpret_cast<const char*>(yp + (m0 + i) * O + o0);
+          for (int64_t b = 0; b < count * int64_t(sizeof(T)); b += 64) __builtin_prefetch(y + b, 1, 3);
+        }
+        const int64_t from = (tile - chunk * chunk_tiles) * slice, to = std::min(next_bytes, from + slice);
+        for (int64_t b = from; b < to; b += 64) __builtin_prefetch(x_bytes + next_begin + b, 0, 3);
         Tile t{{}, tap_offset.data(), taps, Cp / 4, wp + ob * block_stride, block_stride};
-        for (int i = 0; i < kMR; ++i) {
-          const int64_t m = m0 + std::min(i, mr - 1), n = m / (OH * OW), oh = m / OW % OH, ow = m % OW;
-          t.pixel[i] = pointwise ? local.data() + (m - first_pixel) * Cp
-                                 : q + (((n - n0) * Hp + oh * SH) * Wp + ow * SW) * Cp;
+        if (pointwise) {
+          for (int i = 0; i < kMR; ++i) t.pixel[i] = local.data() + (m0 + std::min(i, mr - 1) - first_pixel) * Cp;
+        } else {
+          // one division per tile; the rest of its pixels step along the row
+          int64_t r = m0 / OW, ow = m0 - r * OW;
+          for (int i = 0; i < kMR; ++i) {
+            if (i < mr && i > 0 && ++ow == OW) ow = 0, ++r;
+            const int64_t n = r / OH, oh = r - n * OH;
+            t.pixel[i] = q + (((n - n0) * Hp + oh * SH) * Wp + ow * SW) * Cp;
+          }
         }
         if (vnni)
           kVnniKernels[mr - 1][nb - 1](t, acc);
