@@ -67,14 +67,31 @@ void quantize_row_scalar(const T* x, uint8_t* q, int64_t C, float inv_scale, int
   }
 }
 
+template <typename T>  // round(x * inv_scale) + zp in int32, rounding to even
+DDPM_AVX512 inline __m512i to_int(const T* x, __mmask16 m, __m512 inv_scale, __m512i zp) {
+  return _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load16(x, m), inv_scale)), zp);
+}
+
 template <typename T>
 DDPM_AVX512 void quantize_row_avx512(const T* x, uint8_t* q, int64_t C, float inv_scale, int zp) {
   const __m512 vs = _mm512_set1_ps(inv_scale);
   const __m512i vz = _mm512_set1_epi32(zp), zero = _mm512_setzero_si512();
-  for (int64_t c = 0; c < C; c += 16) {
+  // 64 values per step: two saturating packs (int32 -> int16 -> uint8, the clamp to [0, 255])
+  // and one 64-byte store, instead of four narrowing stores; the packs interleave 128-bit lanes,
+  // which one permute undoes. The source is prefetched 2 KiB ahead: rows of a few KiB gave the
+  // hardware prefetcher too little run-up.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __mmask16 all = 0xFFFF;
+  int64_t c = 0;
+  for (; c + 64 <= C; c += 64) {
+    for (int b = 0; b < 64 * int(sizeof(T)); b += 64) __builtin_prefetch(reinterpret_cast<const char*>(x + c) + 2048 + b);
+    const __m512i lo = _mm512_packs_epi32(to_int(x + c, all, vs, vz), to_int(x + c + 16, all, vs, vz));
+    const __m512i hi = _mm512_packs_epi32(to_int(x + c + 32, all, vs, vz), to_int(x + c + 48, all, vs, vz));
+    _mm512_storeu_si512(q + c, _mm512_permutexvar_epi32(order, _mm512_packus_epi16(lo, hi)));
+  }
+  for (; c < C; c += 16) {
     const __mmask16 m = tail_mask(C - c);
-    __m512i v = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load16(x + c, m), vs)), vz);  // round to even
-    _mm_mask_storeu_epi8(q + c, m, _mm512_cvtusepi32_epi8(_mm512_max_epi32(v, zero)));  // clamp to [0, 255]
+    _mm_mask_storeu_epi8(q + c, m, _mm512_cvtusepi32_epi8(_mm512_max_epi32(to_int(x + c, m, vs, vz), zero)));  // clamp to [0, 255]
   }
 }
 
@@ -216,13 +233,20 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
 
   const uint8_t zp8 = static_cast<uint8_t>(e.zp);
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-  auto quantize_pixel = [&](const T* src, uint8_t* dst) {
+  auto quantize = [&](const T* src, uint8_t* dst, int64_t count) {
     if (simd)
-      quantize_row_avx512(src, dst, C, inv_scale, e.zp);
+      quantize_row_avx512(src, dst, count, inv_scale, e.zp);
     else
-      quantize_row_scalar(src, dst, C, inv_scale, e.zp);
-    if (Cp > C) std::memset(dst + C, zp8, Cp - C);  // the padded channels meet zero weights, but
-  };                                                 // results never depend on uninitialised memory
+      quantize_row_scalar(src, dst, count, inv_scale, e.zp);
+  };
+  // `pixels` consecutive pixels of x into dst, Cp bytes each: one run when no channel is padded.
+  auto quantize_pixels = [&](const T* src, uint8_t* dst, int64_t pixels) {
+    if (Cp == C) return quantize(src, dst, pixels * C);
+    for (int64_t p = 0; p < pixels; ++p) {
+      quantize(src + p * C, dst + p * Cp, C);
+      std::memset(dst + p * Cp + C, zp8, Cp - C);  // the padded channels meet zero weights, but
+    }                                              // results never depend on uninitialised memory
+  };
 
   // 1. quantise into a zero-point-padded NHWC buffer, inside the same parallel region as the GEMM:
   // each thread quantises the input rows its own output pixels need (a few rows twice where two
@@ -242,7 +266,7 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
       }
       std::memset(row, zp8, PW * Cp);
       std::memset(row + (W + PW) * Cp, zp8, PW * Cp);
-      for (int64_t w = 0; w < W; ++w) quantize_pixel(xp + ((n * H + h) * W + w) * C, row + (w + PW) * Cp);
+      quantize_pixels(xp + (n * H + h) * W * C, row + PW * Cp, W);
     }
   };
 
@@ -281,8 +305,7 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
       const int64_t tile_end = std::min(tiles, (chunk + 1) * chunk_tiles);
       const int64_t first_pixel = chunk * chunk_tiles * kMR;
       if (pointwise && chunk != local_chunk) {
-        for (int64_t m = first_pixel; m < std::min(M, tile_end * kMR); ++m)
-          quantize_pixel(xp + m * C, local.data() + (m - first_pixel) * Cp);
+        quantize_pixels(xp + first_pixel * C, local.data(), std::min(M, tile_end * kMR) - first_pixel);
         local_chunk = chunk;
       }
       const int nb = static_cast<int>(std::min<int64_t>(kNB, Ob - ob));
