@@ -84,14 +84,16 @@ DDPM_AVX512 void quantize_row_avx512(const T* x, uint8_t* q, int64_t C, float in
   const __mmask16 all = 0xFFFF;
   int64_t c = 0;
   for (; c + 64 <= C; c += 64) {
-    for (int b = 0; b < 64 * int(sizeof(T)); b += 64) __builtin_prefetch(reinterpret_cast<const char*>(x + c) + 2048 + b);
+    for (int b = 0; b < 64 * int(sizeof(T)); b += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(x + c) + 2048 + b);
     const __m512i lo = _mm512_packs_epi32(to_int(x + c, all, vs, vz), to_int(x + c + 16, all, vs, vz));
     const __m512i hi = _mm512_packs_epi32(to_int(x + c + 32, all, vs, vz), to_int(x + c + 48, all, vs, vz));
     _mm512_storeu_si512(q + c, _mm512_permutexvar_epi32(order, _mm512_packus_epi16(lo, hi)));
   }
   for (; c < C; c += 16) {
     const __mmask16 m = tail_mask(C - c);
-    _mm_mask_storeu_epi8(q + c, m, _mm512_cvtusepi32_epi8(_mm512_max_epi32(to_int(x + c, m, vs, vz), zero)));  // clamp to [0, 255]
+    const __m512i v = _mm512_max_epi32(to_int(x + c, m, vs, vz), zero);
+    _mm_mask_storeu_epi8(q + c, m, _mm512_cvtusepi32_epi8(v));  // clamp to [0, 255]
   }
 }
 
@@ -313,11 +315,11 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
       // Pointwise: while the chunk's last group runs, prefetch the input the next chunk will
       // quantise, a slice per tile; read in one burst it stalled on memory (a third of the time of
       // a 384->128 1x1 conv at 32x32, batch 8).
-      const int64_t chunk_tiles_here = std::max<int64_t>(1, tile_end - chunk * chunk_tiles);  // chunks past the end are empty
+      const int64_t tiles_here = std::max<int64_t>(1, tile_end - chunk * chunk_tiles);  // the last chunks may be empty
       const int64_t next_begin = std::min(M, tile_end * kMR) * C * int64_t(sizeof(T));
       const int64_t next_bytes = pointwise && ob + kNB >= Ob && item + 1 < end
           ? std::min(M, (tile_end + chunk_tiles) * kMR) * C * int64_t(sizeof(T)) - next_begin : 0;
-      const int64_t slice = round_up((next_bytes + chunk_tiles_here - 1) / chunk_tiles_here, 64);
+      const int64_t slice = round_up((next_bytes + tiles_here - 1) / tiles_here, 64);
       const char* x_bytes = reinterpret_cast<const char*>(xp);
       for (int64_t tile = chunk * chunk_tiles; tile < tile_end; ++tile) {
         const int64_t m0 = tile * kMR;
@@ -334,11 +336,10 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
         if (pointwise) {
           for (int i = 0; i < kMR; ++i) t.pixel[i] = local.data() + (m0 + std::min(i, mr - 1) - first_pixel) * Cp;
         } else {
-          // one division per tile; the rest of its pixels step along the row
-          int64_t r = m0 / OW, ow = m0 - r * OW;
+          // the tile's first pixel by division, the others by stepping along rows and images
+          int64_t n = m0 / (OH * OW), oh = m0 / OW % OH, ow = m0 % OW;
           for (int i = 0; i < kMR; ++i) {
-            if (i < mr && i > 0 && ++ow == OW) ow = 0, ++r;
-            const int64_t n = r / OH, oh = r - n * OH;
+            if (i > 0 && i < mr && ++ow == OW && (ow = 0, ++oh == OH)) oh = 0, ++n;
             t.pixel[i] = q + (((n - n0) * Hp + oh * SH) * Wp + ow * SW) * Cp;
           }
         }
