@@ -1,7 +1,10 @@
 """early_exit: ASE-style time-dependent block skipping (Moon et al., ICML 2024) for the conv U-Net.
 
-Near pure noise (large t) the deep units — the middle block and the ResBlocks/attention of the
-lowest-resolution levels — are skipped; near t = 0 the whole network runs. A skipped ResBlock
+Near pure noise (large t) units are skipped, fewer as t falls; near t = 0 the whole network runs.
+Which units go first: ``order=deep`` takes the middle block and the ResBlocks/attention of the
+lowest-resolution levels (ASE's DiT recipe: deep blocks first), ``order=shallow`` those of the
+full-resolution level inwards. On a small conv U-Net the deep units are cheap, so only the
+shallow order saves much (docs/performance.md, "early_exit"). A skipped ResBlock
 keeps its 1x1 shortcut where channels change, attention becomes the identity, and every skip
 concatenation stays (StepPlan.skip). Skipping changes the function, so fine-tune with the same
 schedule: ``ddpm-perf train --plugins early_exit --init CKPT ...`` trains every sample with the
@@ -21,16 +24,29 @@ from ddpm_perf.model.unet import StepPlan
 from ddpm_perf.plugins import Option, Phase, Plugin, split_spec
 
 
-def skip_candidates(unit_names: list[str], num_levels: int, levels: int) -> list[str]:
-    """Skippable units, deepest first: the middle block, then the ResBlocks/attention of the
-    ``levels`` lowest-resolution levels, alternating down and up path from the middle outwards."""
-    order = ["mid_attn", "mid_res1", "mid_res0"]
+def skip_candidates(unit_names: list[str], num_levels: int, levels: int, order: str = "deep") -> list[str]:
+    """Skippable units in the order a growing skip takes them.
+
+    ``deep``: the middle block, then the ResBlocks/attention of the ``levels`` lowest-resolution
+    levels, alternating down and up path from the middle outwards (ASE's DiT analogue: the deep
+    blocks go first). ``shallow``: the ``levels`` highest-resolution levels from the image inwards,
+    alternating the up path's last units and the down path's first; the middle never."""
+    def units(prefix: str) -> list[str]:
+        return [n for n in unit_names if n.startswith(prefix) and not n.endswith("sample")]
+
+    if order == "shallow":
+        out = []
+        for level in range(levels):
+            down, up = units(f"down{level}_"), units(f"up{level}_")[::-1]
+            for i in range(max(len(down), len(up))):
+                out += up[i:i + 1] + down[i:i + 1]
+        return out
+    out = ["mid_attn", "mid_res1", "mid_res0"]
     for level in reversed(range(num_levels - levels, num_levels)):
-        down = [n for n in unit_names if n.startswith(f"down{level}_") and not n.endswith("sample")][::-1]
-        up = [n for n in unit_names if n.startswith(f"up{level}_") and not n.endswith("sample")]
+        down, up = units(f"down{level}_")[::-1], units(f"up{level}_")
         for i in range(max(len(down), len(up))):
-            order += down[i:i + 1] + up[i:i + 1]
-    return order
+            out += down[i:i + 1] + up[i:i + 1]
+    return out
 
 
 class TimeGroupedSkip(nn.Module):
@@ -57,6 +73,8 @@ class EarlyExit(Plugin):
         "levels": Option(int, 1, "lowest-resolution levels (besides the middle) whose units may be skipped"),
         "max_skip": Option(float, 0.5, "fraction of those units skipped in the noisiest bucket"),
         "buckets": Option(int, 5, "equal timestep ranges; the least noisy runs the whole network"),
+        "order": Option(str, "deep", "which units a growing skip takes first: deep (the middle outwards) or "
+                                     "shallow (the image's resolution inwards)", choices=("deep", "shallow")),
     }
     conflicts = ("cuda_graphs",)
 
@@ -90,7 +108,7 @@ class EarlyExit(Plugin):
     @hookimpl
     def transform_model(self, model, ctx):
         o = self.opts
-        candidates = skip_candidates(list(model.blocks), model.config.num_levels, o.levels)
+        candidates = skip_candidates(list(model.blocks), model.config.num_levels, o.levels, o.order)
         self.skips = [frozenset(candidates[:round(o.max_skip * len(candidates) * k / (o.buckets - 1))])
                       for k in range(o.buckets)]
         if ctx.mode == "train":

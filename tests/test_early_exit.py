@@ -37,6 +37,16 @@ def test_schedule_skips_more_near_noise_and_nothing_near_zero(tiny_checkpoint):
     assert any(line.startswith("early_exit:") for line in eng.ctx.report)
 
 
+def test_shallow_order_skips_the_image_resolution_first(tiny_checkpoint):
+    eng = engine(tiny_checkpoint, "early_exit(levels=1,max_skip=1.0,buckets=4,order=shallow)")
+    skips = eng.plugins.plugins[0].skips
+    assert [len(s) for s in skips] == sorted(len(s) for s in skips) and not skips[0]
+    # the full-resolution level only: its up path's last unit first, never the middle or a sampler
+    assert all(n.startswith(("down0_", "up0_")) and not n.endswith("sample") for n in skips[-1])
+    assert skips[1] == {"up0_res2", "down0_res0"}  # round(5 units x 1/3)
+    assert skips[-1] == {n for n in eng.model.blocks if n.startswith(("down0_", "up0_")) and "sample" not in n}
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp"])
 def test_sampling_applies_the_schedule(tiny_checkpoint, sampler):
     eng = engine(tiny_checkpoint, "early_exit", sampler)
@@ -70,7 +80,7 @@ def test_training_runs_each_sample_with_its_own_skips(tmp_path):
     ckpt = load_checkpoint(trainer.checkpoint_path)
     assert "blocks.mid_attn.q.weight" in ckpt.weights
     # ... and says what it was fine-tuned with, through convert too
-    assert ckpt.trained_with == "early_exit(levels=1,max_skip=1.0,buckets=5)"
+    assert ckpt.trained_with == "early_exit(levels=1,max_skip=1.0,buckets=5,order=deep)"
     result = CliRunner().invoke(main, ["convert", str(trainer.checkpoint_path), str(tmp_path / "c.safetensors"),
                                        "--dtype", "float16"])
     assert result.exit_code == 0, result.output
@@ -83,17 +93,17 @@ def test_training_runs_each_sample_with_its_own_skips(tmp_path):
 
     assert "warning" not in sample("early_exit(max_skip=1.0)").stderr  # the schedule it was tuned for
     warned = sample("early_exit").stderr.strip().splitlines()
-    assert warned == ["ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5): the weights "
-                      "were fine-tuned with early_exit(levels=1,max_skip=1.0,buckets=5); skipping units then changes "
+    assert warned == ["ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5,order=deep): the weights "
+                      "were fine-tuned with early_exit(levels=1,max_skip=1.0,buckets=5,order=deep); skipping units then changes "
                       "what the network computes. Fine-tune first: ddpm-perf train --plugins "
-                      "'early_exit(levels=1,max_skip=0.5,buckets=5)' --init CKPT ..."]
+                      "'early_exit(levels=1,max_skip=0.5,buckets=5,order=deep)' --init CKPT ..."]
 
 
 def test_weights_never_fine_tuned_get_a_warning(tiny_checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["sample", "--checkpoint", str(tiny_checkpoint), "-n", "2", "--steps", "2",
                                        "--no-progress", "--plugins", "early_exit", "--out", str(tmp_path / "s.png")])
     assert result.exit_code == 0
-    assert "ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5): the checkpoint records no" \
+    assert "ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5,order=deep): the checkpoint records no" \
         in result.stderr
     assert (tmp_path / "s.png").exists()
 
@@ -104,3 +114,5 @@ def test_bad_options(tiny_checkpoint):
         engine(tiny_checkpoint, "early_exit(levels=9)")
     with pytest.raises(UserError, match="max_skip in"):
         engine(tiny_checkpoint, "early_exit(max_skip=2)")
+    with pytest.raises(UserError, match="order"):
+        engine(tiny_checkpoint, "early_exit(order=middle)")
