@@ -67,10 +67,11 @@ class TimeGroupedSkip(nn.Module):
 
 class EarlyExit(Plugin):
     name = "early_exit"
-    description = "ASE early exit: skip deep U-Net units on a time schedule, more near pure noise."
+    description = "ASE early exit: skip U-Net units on a time schedule, more near pure noise."
     phase = Phase.REWRITE
     options = {
-        "levels": Option(int, 1, "lowest-resolution levels (besides the middle) whose units may be skipped"),
+        "levels": Option(int, 1, "levels whose units may be skipped: the lowest-resolution ones and the middle "
+                                  "(order=deep) or the highest-resolution ones (order=shallow)"),
         "max_skip": Option(float, 0.5, "fraction of those units skipped in the noisiest bucket"),
         "buckets": Option(int, 5, "equal timestep ranges; the least noisy runs the whole network"),
         "order": Option(str, "deep", "which units a growing skip takes first: deep (the middle outwards) or "
