@@ -53,13 +53,14 @@ void combine(const double* s1, const double* s2, const float* pivot, int64_t cha
 }
 
 // ---- SiLU for the AVX-512 paths ----
-// z * sigmoid(z), sigmoid(z) = 1 / (1 + 2^t) with t = -z log2(e) = n + f, n an integer, |f| <= 1/2:
-// 2^f by a polynomial fitted for least maximum relative error on [-1/2, 1/2], 2^n by scalef, the
-// reciprocal by rcp14 (relative error < 2^-14). Precise, for fp32 outputs: degree 5 (relative
-// error 1.7e-7) and one Newton step on the reciprocal, 16 instructions. Otherwise, for
-// bf16 outputs whose rounding error is 2^-9: degree 3 (1.0e-4) and no Newton step, 12.
+// z * sigmoid(z) = z / (1 + 2^t) with t = -z log2(e) = n + f, n an integer, |f| <= 1/2: 2^f by a
+// polynomial fitted for least maximum relative error on [-1/2, 1/2], 2^n by scalef, then one
+// division. Precise, for fp32 outputs: degree 5 (relative error 1.7e-7), 13 instructions.
+// Otherwise, for bf16 outputs whose rounding error is 2^-9: degree 3 (1.0e-4), 11. A division
+// beat rcp14 and a Newton step here (3 instructions), in speed and in accuracy (measured: docs/
+// performance.md, "group_norm_silu: the division").
 template <bool Precise>
-DDPM_AVX512 inline __m512 sigmoid16_clamped(__m512 zc) {  // zc within [-80, 80]
+DDPM_AVX512 inline __m512 one_plus_exp_neg(__m512 zc) {  // 1 + e^-zc, zc within [-80, 80]
   const __m512 c = _mm512_set1_ps(-1.44269504088896341f);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(zc, c), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_fmsub_ps(zc, c, n);  // zc * c - n with zc * c unrounded
@@ -74,10 +75,12 @@ DDPM_AVX512 inline __m512 sigmoid16_clamped(__m512 zc) {  // zc within [-80, 80]
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.932829022e-01f));
   }
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
-  __m512 r = _mm512_rcp14_ps(d);
-  if constexpr (Precise) r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // r (2 - d r)
-  return r;
+  return _mm512_add_ps(_mm512_scalef_ps(p, n), _mm512_set1_ps(1.f));
+}
+
+template <bool Precise>
+DDPM_AVX512 inline __m512 sigmoid16_clamped(__m512 zc) {
+  return _mm512_div_ps(_mm512_set1_ps(1.f), one_plus_exp_neg<Precise>(zc));
 }
 
 template <bool Precise>
@@ -87,7 +90,7 @@ DDPM_AVX512 inline __m512 silu16_fast(__m512 z) {
   // where the result is zeroed. NaN stays NaN.
   const __m512 zc = _mm512_range_ps(z, _mm512_set1_ps(80.f), 0b0110);
   const __mmask16 keep = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-80.f), _CMP_NLT_UQ);
-  return _mm512_maskz_mul_ps(keep, z, sigmoid16_clamped<Precise>(zc));
+  return _mm512_maskz_div_ps(keep, z, one_plus_exp_neg<Precise>(zc));
 }
 
 // ---- statistics ----
