@@ -93,9 +93,9 @@ def test_training_runs_each_sample_with_its_own_skips(tmp_path):
 
     assert "warning" not in sample("early_exit(max_skip=1.0)").stderr  # the schedule it was tuned for
     warned = sample("early_exit").stderr.strip().splitlines()
-    assert warned == ["ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5,order=deep): the weights "
-                      "were fine-tuned with early_exit(levels=1,max_skip=1.0,buckets=5,order=deep); skipping units then changes "
-                      "what the network computes. Fine-tune first: ddpm-perf train --plugins "
+    assert warned == ["ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5,order=deep): the "
+                      "weights were fine-tuned with early_exit(levels=1,max_skip=1.0,buckets=5,order=deep); skipping "
+                      "units then changes what the network computes. Fine-tune first: ddpm-perf train --plugins "
                       "'early_exit(levels=1,max_skip=0.5,buckets=5,order=deep)' --init CKPT ..."]
 
 
@@ -103,8 +103,8 @@ def test_weights_never_fine_tuned_get_a_warning(tiny_checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["sample", "--checkpoint", str(tiny_checkpoint), "-n", "2", "--steps", "2",
                                        "--no-progress", "--plugins", "early_exit", "--out", str(tmp_path / "s.png")])
     assert result.exit_code == 0
-    assert "ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5,order=deep): the checkpoint records no" \
-        in result.stderr
+    assert ("ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5,order=deep): the checkpoint "
+            "records no") in result.stderr
     assert (tmp_path / "s.png").exists()
 
 
