@@ -21,6 +21,10 @@ as a fraction of the large copy's GB/s (``bandwidth_fraction``) and of the same-
 deviation of the op's output, and of eager's and compiled's, from eager fp32 on the same
 (dtype-rounded) input.
 
+``test_silu_sequences``: the SiLU of the AVX-512 paths alone (benchmarks/silu_sequences.cpp, built
+with g++ against csrc/cpu/silu.h): the kernel's one-division sequence against the rcp14 (+ Newton)
+sequence it replaced, ns per 16 values on one thread, and each one's largest relative error.
+
 ``test_int8_conv2d``: each distinct conv of one cifar10 U-Net forward (found by hooking every
 ``nn.Conv2d`` of ``UNet(CONFIGS["cifar10"])`` in a meta-device forward at batch 8; ids name the
 input C x H x W, output channels, kernel, stride, padding), on its input captured from a real
@@ -61,7 +65,9 @@ from __future__ import annotations
 import collections
 import math
 import os
+import shutil
 import statistics
+import subprocess
 import time
 import types
 from collections.abc import Callable
@@ -366,6 +372,39 @@ def test_group_norm_silu(benchmark, bench, timing, large_copy, shape, dtype, lay
 @with_params(norm_params())
 def test_group_norm_silu_compile(benchmark, bench, timing, large_copy, shape, dtype, layout, cache):
     run_group_norm_silu(benchmark, bench, timing, large_copy, shape, dtype, layout, cache, compiled=True)
+
+
+def test_silu_sequences(benchmark, bench, tmp_path):
+    """The AVX-512 SiLU that group_norm_silu runs (csrc/cpu/silu.h, one division) against the
+    reciprocal sequence it replaced (rcp14, plus a Newton step for fp32 outputs), alone on
+    L1-resident values, one thread (benchmarks/silu_sequences.cpp). Records ns per 16 values,
+    the speedups and the largest relative error of each fp32 sequence against fp64."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if shutil.which("g++") is None or not cpuinfo.exists() or " avx512dq" not in cpuinfo.read_text():
+        pytest.skip("needs g++ and an AVX-512 CPU")
+    root = Path(__file__).resolve().parent
+    exe = tmp_path / "silu_sequences"
+    subprocess.run(["g++", "-O2", "-I", str(root.parent / "csrc" / "cpu"), "-o", str(exe),
+                    str(root / "silu_sequences.cpp")], check=True)
+    runs: list[list[float]] = []
+    reps = "200" if bench.smoke else "20000"
+    benchmark.pedantic(lambda: runs.append([float(v) for v in subprocess.run(
+        [str(exe), reps], capture_output=True, text=True, check=True).stdout.split()]),
+        rounds=1 if bench.smoke else 3, iterations=1)
+    ns = [statistics.median(r[i] for r in runs) for i in range(4)]
+    error_division, error_reciprocal = runs[0][4], runs[0][5]
+    fill_info(benchmark.extra_info, bench, plugins="op:group_norm_silu (SiLU alone)", op="silu16_fast", batch=1,
+              shape=[4096], dtype="float32", device="cpu", threads=1, seconds_per_step=ns[0] * 1e-9,
+              gflop_per_s=None, outputs_change=False,
+              ns_per_16_values={"fp32 division": ns[0], "fp32 reciprocal": ns[1], "bf16-output division": ns[2],
+                                "bf16-output reciprocal": ns[3]},
+              speedup_fp32=ns[1] / ns[0], speedup_bf16_output=ns[3] / ns[2],
+              max_rel_error_fp32={"division": error_division, "reciprocal": error_reciprocal})
+    print(f"silu sequences: fp32 division {ns[0]:.2f} ns, reciprocal {ns[1]:.2f} ns ({ns[1] / ns[0]:.2f}x); "
+          f"bf16 outputs {ns[2]:.2f} vs {ns[3]:.2f} ns ({ns[3] / ns[2]:.2f}x); max rel error fp32 "
+          f"{error_division:.2e} vs {error_reciprocal:.2e}")
+    # both fp32 sequences must stay within a few ulp of fp64 (the kernel's fp32 promise)
+    assert 0 < error_division < 5e-7 and 0 < error_reciprocal < 5e-7, (error_division, error_reciprocal)
 
 
 # -- int8_conv2d ---------------------------------------------------------------------------------
