@@ -43,7 +43,9 @@ the CPU, outside the timed rounds) can be left out with ``-m 'not compile'`` (or
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -108,6 +110,16 @@ def quality_checkpoint_path() -> Path:
 
     override = os.environ.get("DDPM_PERF_BENCH_QUALITY_CHECKPOINT")
     return Path(override) if override else default_checkpoint()
+
+
+def build_cpp(source: Path, exe: Path, cpu_flag: str, *flags: str) -> Path:
+    """Compile a stand-alone C++ microbenchmark of benchmarks/ with g++ -O2 (skipping the test,
+    with the reason, where g++ or the CPU flag ``cpu_flag`` of /proc/cpuinfo is missing)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if shutil.which("g++") is None or not cpuinfo.exists() or f" {cpu_flag}" not in cpuinfo.read_text():
+        pytest.skip(f"needs g++ and a CPU with {cpu_flag}")
+    subprocess.run(["g++", "-O2", *flags, "-o", str(exe), str(source)], check=True)
+    return exe
 
 
 # -- FLOPs ------------------------------------------------------------------------------------

@@ -65,7 +65,6 @@ from __future__ import annotations
 import collections
 import math
 import os
-import shutil
 import statistics
 import subprocess
 import time
@@ -82,6 +81,8 @@ from ddpm_perf import ops
 from ddpm_perf.model.config import CONFIGS
 from ddpm_perf.model.unet import UNet
 from ddpm_perf.ops import reference
+
+from conftest import build_cpp
 
 EXTENSION = ops.extension_status()
 pytestmark = [
@@ -379,13 +380,9 @@ def test_silu_sequences(benchmark, bench, tmp_path):
     reciprocal sequence it replaced (rcp14, plus a Newton step for fp32 outputs), alone on
     L1-resident values, one thread (benchmarks/silu_sequences.cpp). Records ns per 16 values,
     the speedups and the largest relative error of each fp32 sequence against fp64."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if shutil.which("g++") is None or not cpuinfo.exists() or " avx512dq" not in cpuinfo.read_text():
-        pytest.skip("needs g++ and an AVX-512 CPU")
     root = Path(__file__).resolve().parent
-    exe = tmp_path / "silu_sequences"
-    subprocess.run(["g++", "-O2", "-I", str(root.parent / "csrc" / "cpu"), "-o", str(exe),
-                    str(root / "silu_sequences.cpp")], check=True)
+    exe = build_cpp(root / "silu_sequences.cpp", tmp_path / "silu_sequences", "avx512dq",
+                    "-I", str(root.parent / "csrc" / "cpu"))
     runs: list[list[float]] = []
     reps = "200" if bench.smoke else "20000"
     benchmark.pedantic(lambda: runs.append([float(v) for v in subprocess.run(

@@ -17,7 +17,6 @@ Why the limit is the best of matmul *and* conv: on these machines MKL's fp32 mat
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import subprocess
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import build_cpp
 from machine import kernels  # benchmarks/machine.py (pytest puts the test's folder on sys.path)
 
 FULL = kernels()
@@ -68,12 +68,8 @@ def test_instruction_peak(benchmark, bench, tmp_path, dtype):
     on every thread, no memory traffic (benchmarks/instruction_peak.cpp). Recorded as kind "peak":
     the nightly report's FLOP limits stay the best measured matmul or conv of the run."""
     insn, ops, flag, cpu_flag = PEAK_INSTRUCTIONS[dtype]
-    cpuinfo = Path("/proc/cpuinfo")
-    if shutil.which("g++") is None or not cpuinfo.exists() or f" {cpu_flag}" not in cpuinfo.read_text():
-        pytest.skip(f"needs g++ and a CPU with {cpu_flag}")
-    exe = tmp_path / "peak"
-    subprocess.run(["g++", "-O2", "-pthread", flag, f"-DPEAK_INSN={insn}", f"-DPEAK_OPS={ops}", "-o", str(exe),
-                    str(Path(__file__).with_name("instruction_peak.cpp"))], check=True)
+    exe = build_cpp(Path(__file__).with_name("instruction_peak.cpp"), tmp_path / "peak", cpu_flag,
+                    "-pthread", flag, f"-DPEAK_INSN={insn}", f"-DPEAK_OPS={ops}")
     threads, iterations = torch.get_num_threads(), 200_000 if bench.smoke else 20_000_000
     rates: list[float] = []
     benchmark.pedantic(lambda: rates.append(float(subprocess.run([str(exe), str(threads), str(iterations)],
