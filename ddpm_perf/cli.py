@@ -217,6 +217,9 @@ def calibrate(checkpoint, batch_size, device, plugins):
 @click.option("--ema-decay", type=float, default=0.9999, show_default=True)
 @click.option("--dropout", type=float, default=None, help="Override the config's dropout.")
 @click.option("--hflip/--no-hflip", default=False, show_default=True, help="Random horizontal flips.")
+@click.option("--distill", type=float, default=0.0, show_default=True,
+              help="Fine-tuning: weight of the --init network's own prediction in the target (self-distillation; "
+                   "1 learns it alone, 0 the noise alone).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--checkpoint-every", type=int, default=1000, show_default=True, callback=positive)
 @click.option("--sample-every", type=int, default=0, show_default=True, help="Write a sample grid every N steps.")
@@ -224,7 +227,7 @@ def calibrate(checkpoint, batch_size, device, plugins):
 @plugins_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def train(config_name, data_name, data_dir, out, resume, init, steps, batch_size, lr, warmup, grad_clip,
-          ema_decay, dropout, hflip, seed, checkpoint_every, sample_every, device, plugins, progress):
+          ema_decay, dropout, hflip, distill, seed, checkpoint_every, sample_every, device, plugins, progress):
     """Train a DDPM (eps-prediction, linear schedule) from scratch, from --init, or --resume a run.
 
     Data-parallel: torchrun --nproc_per_node N -m ddpm_perf train ... (--batch-size is the global batch)."""
@@ -234,7 +237,7 @@ def train(config_name, data_name, data_dir, out, resume, init, steps, batch_size
     host = PluginHost.from_spec(plugins)
     with distributed.process_group(resolve_device(device)) as (info, device):
         trainer = _make_trainer(info, device, host, config_name, data_name, data_dir, out, resume, init, steps,
-                                batch_size, lr, warmup, grad_clip, ema_decay, dropout, hflip, seed,
+                                batch_size, lr, warmup, grad_clip, ema_decay, dropout, hflip, distill, seed,
                                 checkpoint_every, sample_every)
         losses = trainer.run(progress=progress)
     if not info.is_main:
@@ -247,7 +250,7 @@ def train(config_name, data_name, data_dir, out, resume, init, steps, batch_size
 
 
 def _make_trainer(info, device, host, config_name, data_name, data_dir, out, resume, init, steps, batch_size, lr,
-                  warmup, grad_clip, ema_decay, dropout, hflip, seed, checkpoint_every, sample_every):
+                  warmup, grad_clip, ema_decay, dropout, hflip, distill, seed, checkpoint_every, sample_every):
     import dataclasses
 
     from .diffusion.schedule import ScheduleConfig
@@ -261,7 +264,7 @@ def _make_trainer(info, device, host, config_name, data_name, data_dir, out, res
     if dropout is not None:
         config = dataclasses.replace(config, dropout=dropout)
     cfg = TrainConfig(steps=steps or 10_000, batch_size=batch_size, lr=lr, warmup=warmup, grad_clip=grad_clip,
-                      ema_decay=ema_decay, hflip=hflip, seed=seed, checkpoint_every=checkpoint_every,
+                      ema_decay=ema_decay, hflip=hflip, distill=distill, seed=seed, checkpoint_every=checkpoint_every,
                       sample_every=sample_every)
     return Trainer(config, ScheduleConfig(), DataSpec(data_name, str(data_dir) if data_dir else None), cfg, out,
                    host, device, load_checkpoint(init) if init else None, dist_info=info)

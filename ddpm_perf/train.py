@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -46,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 1000
     sample_every: int = 0  # 0: never
+    distill: float = 0.0  # weight of the teacher's prediction in the target (0: the noise alone)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every"):
@@ -53,6 +55,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0 or self.warmup < 0 or self.grad_clip < 0 or not 0 <= self.ema_decay < 1:
             raise UserError("--lr must be > 0, --warmup and --grad-clip >= 0, --ema-decay in [0, 1)")
+        if not 0 <= self.distill <= 1:
+            raise UserError(f"--distill must be in [0, 1], got {self.distill}")
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class Trainer:
     def __init__(self, model_config: UNetConfig, schedule_config: ScheduleConfig, data: DataSpec,
                  cfg: TrainConfig, out_dir: str | Path, plugins: PluginHost | None = None,
                  device: str | torch.device = "cpu", init: Checkpoint | None = None,
-                 dist_info: DistInfo = DistInfo()):
+                 dist_info: DistInfo = DistInfo(), teacher_weights: dict[str, torch.Tensor] | None = None):
         self.out_dir = Path(out_dir)
         self.dist = dist_info
         if cfg.batch_size % dist_info.world_size:
@@ -92,6 +96,11 @@ class Trainer:
             self.net.load_state_dict(init.weights)
         self.net.to(self.device).train()
         self.ema = copy.deepcopy(self.net).eval().requires_grad_(False) if dist_info.is_main else None
+        if cfg.distill and teacher_weights is None:
+            if init is None:
+                raise UserError("--distill needs --init: the teacher is the network being fine-tuned, as it was")
+            teacher_weights = init.weights
+        self.teacher = self._teacher(teacher_weights) if cfg.distill else None
         if dist_info.rank:
             torch.manual_seed(cfg.seed + dist_info.rank)  # other ranks: their own dropout masks
         # fused: one multi-tensor kernel per step (CPU and CUDA); torch's CPU default is a per-parameter
@@ -110,8 +119,21 @@ class Trainer:
                                                  else None)
         self.loss_fn = self.plugins.chain("wrap_train_step", self._loss, ctx=self.ctx)
 
+    def _teacher(self, weights: dict[str, torch.Tensor]) -> UNet:
+        """The --init weights, frozen, running the whole plain U-Net (no plugin touches it)."""
+        teacher = UNet(self.net.config)
+        teacher.load_state_dict(weights)
+        return teacher.to(self.device).eval().requires_grad_(False)
+
     def _loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return self.diffusion.loss(self.model, x0, t, noise)
+        if self.teacher is None:
+            return self.diffusion.loss(self.model, x0, t, noise)
+        # Self-distillation: a network whose function a plugin changed (units skipped, widths cut)
+        # learns the teacher's prediction, a far less noisy target than the noise itself.
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        with torch.no_grad():
+            guess = self.teacher(x_t, t).to(noise.dtype)
+        return F.mse_loss(self.model(x_t, t), torch.lerp(noise, guess, self.cfg.distill))
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -129,6 +151,8 @@ class Trainer:
         for index, state in optim["state"].items():
             for key, value in state.items():
                 tensors[f"optim.{index}.{key}"] = value
+        if self.teacher is not None:
+            tensors.update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
         tensors["rng.data"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
         meta = {"step": self.step, "config": dataclasses.asdict(self.cfg),
@@ -147,9 +171,10 @@ class Trainer:
         ckpt = load_checkpoint(path, with_training=True)
         meta = ckpt.train_meta
         cfg = TrainConfig(**{**meta["config"], **({"steps": steps} if steps else {})})
-        trainer = cls(ckpt.model_config, ckpt.schedule_config, DataSpec(**meta["data"]), cfg,
-                      Path(path).parent, plugins, device, dist_info=dist_info)
         tensors = ckpt.train_tensors
+        teacher = {k.removeprefix("teacher."): v for k, v in tensors.items() if k.startswith("teacher.")}
+        trainer = cls(ckpt.model_config, ckpt.schedule_config, DataSpec(**meta["data"]), cfg,
+                      Path(path).parent, plugins, device, dist_info=dist_info, teacher_weights=teacher or None)
         with torch.no_grad():
             for key, value in trainer._state.items():
                 value.copy_(tensors[f"model.{key}"])

@@ -125,6 +125,9 @@ def test_train_errors(tmp_path):
                       "cifar-10-python.tar.gz")
     assert_user_error(run("train", "--resume", tmp_path / "none.safetensors"), "does not exist")
     assert_user_error(run("train", "--steps", "0"), "--steps must be positive")
+    assert_user_error(run("train", "--distill", "1", "--out", tmp_path / "r"), "--distill needs --init")
+    assert_user_error(run("train", "--distill", "2", "--out", tmp_path / "r"), "--distill must be in [0, 1]")
+    assert not (tmp_path / "r").exists()
 
 
 def test_train_then_resume_then_sample_from_the_run(tmp_path):

@@ -56,6 +56,62 @@ def test_resume_past_the_end_is_a_user_error(tmp_path):
         Trainer.resume(tmp_path / "a" / "checkpoint.safetensors")
 
 
+def test_distillation_learns_the_teachers_prediction(tmp_path, tiny_checkpoint):
+    """--distill 1: the target is the frozen --init network's prediction, so an unchanged network
+    starts at zero loss and one whose function a plugin changed (units skipped) learns the gap."""
+    from ddpm_perf.model.unet import StepPlan
+    from ddpm_perf.plugins import PluginHost
+
+    init = load_checkpoint(tiny_checkpoint)
+    cfg = TrainConfig(steps=2, batch_size=4, warmup=1, checkpoint_every=1, distill=1.0)
+    same = Trainer(TINY, ScheduleConfig(), DataSpec("digits"), cfg, tmp_path / "a", init=init)
+    x0, t, noise = same._batch()
+    assert same._loss(x0, t, noise).item() < 1e-10  # equal up to rounding (grad mode takes other kernels)
+
+    skipping = Trainer(TINY, ScheduleConfig(), DataSpec("digits"), cfg, tmp_path / "b",
+                       PluginHost.from_spec("early_exit(max_skip=1.0)"), init=init)
+    plugin = skipping.plugins.plugins[0]
+    t = torch.tensor([999, 990, 5, 10])  # two noisy samples skip units, two run the whole network
+    x_t = skipping.diffusion.q_sample(x0, t, noise)
+    with torch.no_grad():
+        guess = skipping.teacher(x_t, t)
+        skipped = torch.cat([skipping.net(x_t[i:i + 1], t[i:i + 1], StepPlan(skip=plugin.skips[int(t[i]) * 5 // 1000]))
+                             for i in range(4)])
+    expected = ((skipped - guess) ** 2).mean()
+    assert expected > 0
+    torch.testing.assert_close(skipping._loss(x0, t, noise).detach(), expected, rtol=1e-5, atol=1e-7)
+
+    half = Trainer(TINY, ScheduleConfig(), DataSpec("digits"), TrainConfig(**{**cfg.__dict__, "distill": 0.5}),
+                   tmp_path / "c", init=init)
+    with torch.no_grad():
+        plain = half.net(x_t, t)
+    torch.testing.assert_close(half._loss(x0, t, noise).detach(), ((plain - (noise + guess) / 2) ** 2).mean())
+
+
+def test_distillation_resumes_bit_exactly(tmp_path):
+    from ddpm_perf.model.checkpoint import Checkpoint
+    from ddpm_perf.model.unet import UNet
+
+    init = Checkpoint.from_model(UNet(CONFIG))  # dropout on: the student's masks come from the restored RNG
+
+    def trainer(out, steps):
+        cfg = TrainConfig(steps=steps, batch_size=4, warmup=2, ema_decay=0.9, checkpoint_every=2, distill=0.7)
+        return Trainer(CONFIG, ScheduleConfig(), DataSpec("digits"), cfg, out, init=init)
+
+    straight = trainer(tmp_path / "a", 4).run(progress=False)
+    head = trainer(tmp_path / "b", 2).run(progress=False)
+    resumed = Trainer.resume(tmp_path / "b" / "checkpoint.safetensors", steps=4)  # the teacher comes back from it
+    assert resumed.teacher is not None
+    assert head + resumed.run(progress=False) == straight
+
+
+def test_distillation_needs_a_teacher_and_a_weight_in_range(tmp_path, tiny_checkpoint):
+    with pytest.raises(UserError, match="--distill needs --init"):
+        Trainer(TINY, ScheduleConfig(), DataSpec("digits"), TrainConfig(distill=1.0), tmp_path / "a")
+    with pytest.raises(UserError, match=r"--distill must be in \[0, 1\], got 1.5"):
+        TrainConfig(distill=1.5)
+
+
 def test_digits_data_set_is_real_and_scaled():
     data = load_dataset("digits", 16, 1)
     assert len(data) == 1797
