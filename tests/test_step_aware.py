@@ -198,6 +198,26 @@ def test_sandwich_from_init_and_custom_widths(tmp_path, slim_checkpoint):
     assert load_checkpoint(trainer.checkpoint_path).train_meta["plugins"]["step_aware"]["widths"] == [1.0, 0.5]
 
 
+def test_sandwich_distils_every_width_from_the_full_network(tmp_path, slim_checkpoint):
+    """--distill with step_aware: each width of the sandwich learns the frozen --init network's
+    prediction (in-place distillation; the teacher is a plain U-Net the plugin never slims)."""
+    cfg = TrainConfig(steps=1, batch_size=2, warmup=1, checkpoint_every=1, distill=1.0)
+    trainer = Trainer(TINY, ScheduleConfig(), DataSpec("digits"), cfg, tmp_path / "r",
+                      PluginHost.from_spec("step_aware(widths=1:0.5,middle=0)"), init=load_checkpoint(slim_checkpoint))
+    state = trainer.plugins.plugins[0].state
+    calls = []
+    trainer.teacher.register_forward_hook(lambda m, args, out: calls.append("teacher"))
+    trainer.net.register_forward_hook(lambda m, args, out: calls.append(state.width))
+    batch = trainer._batch()
+    with state.force(1.0):
+        assert trainer._loss(*batch).item() < 1e-10  # width 1 is the teacher itself
+    calls.clear()
+    assert trainer.loss_fn(*batch).item() > 0  # width 0.5 is not
+    assert calls == ["teacher", 1.0, "teacher", 0.5]
+    assert all(type(m) in (nn.Conv2d, nn.Linear) for m in trainer.teacher.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear)))  # never slimmed
+
+
 def test_schedule_json_round_trip(tmp_path):
     s = Schedule.from_genome([1.0, 0.5, 0.25], [900, 700, 500, 300, 100, 0], 1000, WIDTHS, "abc")
     assert [(x.t_start, x.t_stop, x.width) for x in s.segments] == [(0, 300, 1.0), (300, 700, 0.5),
