@@ -21,7 +21,7 @@ from torch import nn
 from ddpm_perf.errors import RunWarning, UserError
 from ddpm_perf.hooks import hookimpl
 from ddpm_perf.model.unet import StepPlan
-from ddpm_perf.plugins import Option, Phase, Plugin, split_spec
+from ddpm_perf.plugins import Option, Phase, Plugin, parse_spec, split_spec
 
 
 def skip_candidates(unit_names: list[str], num_levels: int, levels: int, order: str = "deep") -> list[str]:
@@ -49,6 +49,12 @@ def skip_candidates(unit_names: list[str], num_levels: int, levels: int, order: 
     return out
 
 
+def _schedule_part(spec: str) -> str:
+    """A plugin's spec without ``tune``, which changes how it was trained, not what it skips."""
+    [(name, opts)] = parse_spec(spec)
+    return f"{name}({','.join(f'{k}={v}' for k, v in opts.items() if k != 'tune')})" if opts else name
+
+
 class TimeGroupedSkip(nn.Module):
     """Training: runs each sample with the units its timestep skips (one forward per bucket)."""
 
@@ -57,7 +63,10 @@ class TimeGroupedSkip(nn.Module):
         self.model, self.plugin = model, plugin
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, plan: StepPlan | None = None) -> torch.Tensor:
-        buckets = self.plugin.bucket_of(t)
+        if self.plugin.opts.tune == "random":  # torch's global RNG: the trainer checkpoints it
+            buckets = torch.randint(self.plugin.opts.buckets, t.shape, device=t.device)
+        else:
+            buckets = self.plugin.bucket_of(t)
         out = torch.empty_like(x)
         for k in buckets.unique().tolist():
             mine = (buckets == k).nonzero().squeeze(1)
@@ -76,6 +85,9 @@ class EarlyExit(Plugin):
         "buckets": Option(int, 5, "equal timestep ranges; the least noisy runs the whole network"),
         "order": Option(str, "deep", "which units a growing skip takes first: deep (the middle outwards) or "
                                      "shallow (the image's resolution inwards)", choices=("deep", "shallow")),
+        "tune": Option(str, "schedule", "training: each sample skips what its timestep's bucket skips (schedule) "
+                                        "or what a random bucket skips, at any timestep (random: LayerDrop-like)",
+                       choices=("schedule", "random")),
     }
     conflicts = ("cuda_graphs",)
 
@@ -96,14 +108,14 @@ class EarlyExit(Plugin):
         if self.opts.levels > c.num_levels:
             raise UserError(f"plugin early_exit: levels={self.opts.levels} exceeds the model's {c.num_levels}")
         self._num_timesteps = ctx.diffusion.num_timesteps
-        tuned_with = split_spec(ctx.trained_with)
-        if ctx.mode == "sample" and self.spec not in tuned_with:
+        tuned_with, mine = [_schedule_part(p) for p in split_spec(ctx.trained_with)], _schedule_part(self.spec)
+        if ctx.mode == "sample" and mine not in tuned_with:
             trained = next((p for p in tuned_with if p.startswith(f"{self.name}(")), None)
             why = (f"the weights were fine-tuned with {trained}" if trained else
                    f"the weights were trained with {ctx.trained_with}, not early_exit" if ctx.trained_with else
                    "the checkpoint records no fine-tuning with early_exit")
-            warnings.warn(f"plugin {self.spec}: {why}; skipping units then changes what the network computes. "
-                          f"Fine-tune first: ddpm-perf train --plugins '{self.spec}' --init CKPT ...", RunWarning,
+            warnings.warn(f"plugin {mine}: {why}; skipping units then changes what the network computes. "
+                          f"Fine-tune first: ddpm-perf train --plugins '{mine}' --init CKPT ...", RunWarning,
                           stacklevel=2)
 
     @hookimpl

@@ -80,7 +80,7 @@ def test_training_runs_each_sample_with_its_own_skips(tmp_path):
     ckpt = load_checkpoint(trainer.checkpoint_path)
     assert "blocks.mid_attn.q.weight" in ckpt.weights
     # ... and says what it was fine-tuned with, through convert too
-    assert ckpt.trained_with == "early_exit(levels=1,max_skip=1.0,buckets=5,order=deep)"
+    assert ckpt.trained_with == "early_exit(levels=1,max_skip=1.0,buckets=5,order=deep,tune=schedule)"
     result = CliRunner().invoke(main, ["convert", str(trainer.checkpoint_path), str(tmp_path / "c.safetensors"),
                                        "--dtype", "float16"])
     assert result.exit_code == 0, result.output
@@ -97,6 +97,29 @@ def test_training_runs_each_sample_with_its_own_skips(tmp_path):
                       "weights were fine-tuned with early_exit(levels=1,max_skip=1.0,buckets=5,order=deep); skipping "
                       "units then changes what the network computes. Fine-tune first: ddpm-perf train --plugins "
                       "'early_exit(levels=1,max_skip=0.5,buckets=5,order=deep)' --init CKPT ..."]
+
+
+def test_random_tuning_skips_a_random_bucket_at_any_timestep(tmp_path):
+    """tune=random (LayerDrop-like): each sample skips what a bucket drawn from torch's RNG skips;
+    sampling with the same schedule does not warn, since tune changes the training only."""
+    cfg = TrainConfig(steps=1, batch_size=8, warmup=1, checkpoint_every=1)
+    trainer = Trainer(TINY, ScheduleConfig(), DataSpec("digits"), cfg, tmp_path / "r",
+                      PluginHost.from_spec("early_exit(max_skip=1.0,tune=random)"))
+    wrapped, plugin = trainer.model, trainer.plugins.plugins[0]
+    x, t = torch.randn(8, 1, 16, 16), torch.full((8,), 999)  # one timestep, yet different skips
+    torch.manual_seed(5)
+    drawn = torch.randint(5, (8,))
+    assert len(drawn.unique()) > 1
+    torch.manual_seed(5)
+    out = wrapped(x, t)
+    for i in range(8):
+        alone = trainer.net(x[i:i + 1], t[i:i + 1], StepPlan(skip=plugin.skips[int(drawn[i])]))
+        torch.testing.assert_close(out[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+    trainer.run(progress=False)
+    result = CliRunner().invoke(main, ["sample", "--checkpoint", str(trainer.checkpoint_path), "-n", "2", "--steps",
+                                       "2", "--no-progress", "--plugins", "early_exit(max_skip=1.0)", "--out",
+                                       str(tmp_path / "s.png")])
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.stderr
 
 
 def test_weights_never_fine_tuned_get_a_warning(tiny_checkpoint, tmp_path):
