@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
@@ -126,14 +125,9 @@ class Trainer:
         return teacher.to(self.device).eval().requires_grad_(False)
 
     def _loss(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        if self.teacher is None:
-            return self.diffusion.loss(self.model, x0, t, noise)
-        # Self-distillation: a network whose function a plugin changed (units skipped, widths cut)
-        # learns the teacher's prediction, a far less noisy target than the noise itself.
-        x_t = self.diffusion.q_sample(x0, t, noise)
-        with torch.no_grad():
-            guess = self.teacher(x_t, t).to(noise.dtype)
-        return F.mse_loss(self.model(x_t, t), torch.lerp(noise, guess, self.cfg.distill))
+        # with --distill, a network whose function a plugin changed (units skipped, widths cut)
+        # learns the teacher's prediction, a far less noisy target than the noise itself
+        return self.diffusion.loss(self.model, x0, t, noise, self.teacher, self.cfg.distill)
 
     # -- checkpoints -------------------------------------------------------------------------
 

@@ -81,6 +81,12 @@ class Diffusion:
         ab = self.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1)))
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
-    def loss(self, model, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """The simple eps-prediction loss of Ho et al.: mean squared error on the noise."""
-        return F.mse_loss(model(self.q_sample(x0, t, noise), t), noise)
+    def loss(self, model, x0: Tensor, t: Tensor, noise: Tensor, teacher=None, distill: float = 1.0) -> Tensor:
+        """The simple eps-prediction loss of Ho et al.: mean squared error on the noise. With a
+        ``teacher`` (self-distillation) the target is ``lerp(noise, teacher(x_t, t), distill)``."""
+        x_t = self.q_sample(x0, t, noise)
+        target = noise
+        if teacher is not None:
+            with torch.no_grad():
+                target = torch.lerp(noise, teacher(x_t, t).to(noise.dtype), distill)
+        return F.mse_loss(model(x_t, t), target)
