@@ -207,7 +207,8 @@ def calibrate(checkpoint, batch_size, device, plugins):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/digits"), show_default=True,
               help="Run folder: checkpoint.safetensors and samples/ go here.")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
-              help="Continue a run from its checkpoint (other training options come from it; --steps may extend).")
+              help="Continue a run from its checkpoint (the other training options and the plugins come from it; "
+                   "--steps may extend).")
 @click.option("--init", type=click.Path(path_type=Path), default=None, help="Start from these weights.")
 @click.option("--steps", type=int, default=None, callback=positive, help="Total optimizer steps [10000].")
 @click.option("--batch-size", type=int, default=128, show_default=True, callback=positive)
@@ -234,7 +235,7 @@ def train(config_name, data_name, data_dir, out, resume, init, steps, batch_size
     from . import distributed
     from .plugins import PluginHost
 
-    host = PluginHost.from_spec(plugins)
+    host = None if resume and not plugins else PluginHost.from_spec(plugins)  # resume: the run's own plugins
     with distributed.process_group(resolve_device(device)) as (info, device):
         trainer = _make_trainer(info, device, host, config_name, data_name, data_dir, out, resume, init, steps,
                                 batch_size, lr, warmup, grad_clip, ema_decay, dropout, hflip, distill, seed,

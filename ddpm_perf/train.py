@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .distributed import DistInfo
 from .diffusion.samplers import DDIMSampler
 from .diffusion.schedule import Diffusion, ScheduleConfig
 from .engine import SamplingEngine
-from .errors import UserError
+from .errors import RunWarning, UserError
 from .hooks import RunContext
 from .io import save_images, to_uint8
 from .model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -161,9 +162,23 @@ class Trainer:
     @classmethod
     def resume(cls, path: str | Path, plugins: PluginHost | None = None, device: str | torch.device = "cpu",
                steps: int | None = None, dist_info: DistInfo = DistInfo()) -> "Trainer":
-        """Continue a run; the world size may differ from the run's (the data stream is global)."""
+        """Continue a run; the world size may differ from the run's (the data stream is global).
+
+        ``plugins=None`` continues with the plugins the run was trained with. Other plugins are
+        allowed (a speed plugin may not exist on this machine), with a warning: plugins such as
+        early_exit or step_aware change what is trained, not only how fast."""
         ckpt = load_checkpoint(path, with_training=True)
         meta = ckpt.train_meta
+        if plugins is None:
+            try:
+                plugins = PluginHost.from_spec(ckpt.trained_with)
+            except UserError as e:
+                raise UserError(f"{e} (the run was trained with '{ckpt.trained_with}'; name the plugins to "
+                                f"continue with in --plugins)") from e
+        elif plugins.spec != ckpt.trained_with:
+            warnings.warn(f"resuming {path} with plugins '{plugins.spec}'; the run was trained with "
+                          f"'{ckpt.trained_with}'. Leave out --plugins to continue with the run's own",
+                          RunWarning, stacklevel=2)
         cfg = TrainConfig(**{**meta["config"], **({"steps": steps} if steps else {})})
         tensors = ckpt.train_tensors
         teacher = {k.removeprefix("teacher."): v for k, v in tensors.items() if k.startswith("teacher.")}

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ddpm_perf.cli import main
-from ddpm_perf.model.checkpoint import default_checkpoint
+from ddpm_perf.model.checkpoint import default_checkpoint, load_checkpoint
 
 from conftest import assert_user_error
 
@@ -133,11 +133,13 @@ def test_train_errors(tmp_path):
 def test_train_then_resume_then_sample_from_the_run(tmp_path):
     out = tmp_path / "run"
     common = ["--batch-size", 4, "--checkpoint-every", 2, "--no-progress"]
-    result = run("train", "--config", "digits", "--out", out, "--steps", 2, "--warmup", 1, *common)
+    result = run("train", "--config", "digits", "--out", out, "--steps", 2, "--warmup", 1, "--plugins",
+                 "channels_last", *common)
     assert result.exit_code == 0, result.output
     assert "trained to step 2" in result.output
     result = run("train", "--resume", out / "checkpoint.safetensors", "--steps", 3, "--no-progress")
     assert result.exit_code == 0 and "trained to step 3 (1 steps" in result.output
+    assert load_checkpoint(out / "checkpoint.safetensors").trained_with == "channels_last"  # the run's plugins
     assert run("convert", out / "checkpoint.safetensors", tmp_path / "slim.safetensors", "--dtype",
                "float16").exit_code == 0
     assert (tmp_path / "slim.safetensors").stat().st_size < (out / "checkpoint.safetensors").stat().st_size / 4

@@ -153,3 +153,27 @@ def test_cifar10_pickles_and_image_folders_load(tmp_path):
     faces = load_dataset("folder", 16, 3, folder)
     assert len(faces) == 1 and faces[0].shape == (3, 16, 16)
     torch.testing.assert_close(faces[0], torch.ones(3, 16, 16))
+
+
+def test_resume_continues_with_the_runs_own_plugins(tmp_path):
+    """A run trained with a plugin that changes what is trained (early_exit) continues with it when
+    --plugins is left out; other plugins are allowed, with a warning naming the run's."""
+    from ddpm_perf.errors import RunWarning
+    from ddpm_perf.plugins import PluginHost
+
+    spec = "early_exit(levels=1,max_skip=1.0)"
+    cfg = TrainConfig(steps=2, batch_size=8, warmup=1, ema_decay=0.9, checkpoint_every=2)
+    Trainer(CONFIG, ScheduleConfig(), DataSpec("digits"), cfg, tmp_path / "a", PluginHost.from_spec(spec)).run(
+        progress=False)
+    path = tmp_path / "a" / "checkpoint.safetensors"
+    trained_with = load_checkpoint(path).trained_with
+    assert trained_with.startswith("early_exit(")
+
+    resumed = Trainer.resume(path, steps=3)
+    assert resumed.plugins.spec == trained_with
+    resumed.run(progress=False)
+    assert load_checkpoint(path).trained_with == trained_with  # still recorded after the resumed steps
+
+    with pytest.warns(RunWarning, match=r"trained with 'early_exit\("):
+        other = Trainer.resume(path, plugins=PluginHost(), steps=4)
+    assert other.plugins.spec == ""
