@@ -413,15 +413,17 @@ def frontier_sweep(run: dict) -> list[dict]:
 def quality_vs_speed_lines(configs: list[dict]) -> list[str]:
     lines = ["## Quality versus speed: step-compute plugins against fewer DDIM steps", "",
              "FD-digits (lower is better) against wall time relative to the full-step baseline of the same round. "
-             "A plugin configuration beats the fewer-steps frontier when its FD-digits is below the frontier's, "
-             "interpolated at its time (clamped at the frontier's ends). Plot: quality_vs_speed.png.", "",
-             "| configuration | speedup | GFLOP per image (run) | FD-digits | frontier FD at that time | beats fewer steps |",
-             "|---|---|---|---|---|---|"]
+             "A plugin configuration beats the fewer-steps frontier when its FD-digits is below that of fewer steps "
+             "of the same weights, interpolated at its time (clamped at the frontier's ends). "
+             "Plot: quality_vs_speed.png.", "",
+             "| configuration | weights | speedup | GFLOP per image (run) | FD-digits | frontier FD at that time "
+             "| beats fewer steps |",
+             "|---|---|---|---|---|---|---|"]
     for c in configs:
         beats = "–" if c.get("frontier") else ("**yes**" if c.get("beats_fewer_steps_frontier") else "no")
         front = "–" if c.get("frontier") else f"{c['frontier_fd_at_time']:.3f}"
-        lines.append(f"| {c['config']} | {1 / c['relative_time']:.2f}x | {c['flops_per_image_run'] / 1e9:.2f} | "
-                     f"{c['fd_digits']:.3f} | {front} | {beats} |")
+        lines.append(f"| {c['config']} | {c.get('weights', 'embedded')} | {1 / c['relative_time']:.2f}x | "
+                     f"{c['flops_per_image_run'] / 1e9:.2f} | {c['fd_digits']:.3f} | {front} | {beats} |")
     return lines
 
 
@@ -431,26 +433,32 @@ def plot_quality_vs_speed(configs: list[dict], path: Path, smoke: bool) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    frontier = sorted((c for c in configs if c.get("frontier")), key=lambda c: c["relative_time"])
-    ax.plot([c["relative_time"] for c in frontier], [c["fd_digits"] for c in frontier], "o-", color="black",
-            label="fewer DDIM steps (no plugin)")
-    for c in frontier:
-        ax.annotate(c["config"], (c["relative_time"], c["fd_digits"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=7)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"embedded": ("o-", "black"), "slimmable": ("o--", "tab:gray")}
+    weights = sorted({c.get("weights", "embedded") for c in configs if c.get("frontier")})
+    for name in weights:  # one fewer-steps frontier per set of weights
+        frontier = sorted((c for c in configs if c.get("frontier") and c.get("weights", "embedded") == name),
+                          key=lambda c: c["relative_time"])
+        marker, color = styles.get(name, ("o:", "tab:blue"))
+        ax.plot([c["relative_time"] for c in frontier], [c["fd_digits"] for c in frontier], marker, color=color,
+                label=f"fewer DDIM steps, {name} weights")
+        for c in frontier:
+            ax.annotate(c["config"].split(" + ")[0], (c["relative_time"], c["fd_digits"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=6, color=color)
     for c in configs:
         if c.get("frontier"):
             continue
         color = "tab:green" if c.get("beats_fewer_steps_frontier") else "tab:red"
         ax.plot(c["relative_time"], c["fd_digits"], "s", color=color)
-        ax.annotate(c["plugins"], (c["relative_time"], c["fd_digits"]), textcoords="offset points", xytext=(4, -9),
-                    fontsize=7, color=color)
-    ax.plot([], [], "s", color="tab:green", label="plugin: beats the frontier")
+        label = c["plugins"] if c["config"].startswith(f"DDIM {max(x['steps'] for x in configs)} ") else c["config"]
+        ax.annotate(label, (c["relative_time"], c["fd_digits"]), textcoords="offset points", xytext=(4, -9),
+                    fontsize=6, color=color)
+    ax.plot([], [], "s", color="tab:green", label="plugin: beats fewer steps of its weights")
     ax.plot([], [], "s", color="tab:red", label="plugin: does not")
     ax.set_xlabel("wall time relative to the full-step baseline (same round)")
     ax.set_ylabel("FD-digits (lower is better)")
     ax.set_title("step-compute plugins vs fewer steps" + (" (smoke)" if smoke else ""), fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

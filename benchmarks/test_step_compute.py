@@ -4,32 +4,38 @@
 One test runs the whole sweep for N images of a fixed seed (full: 512 images in engine batches
 of 128; smoke: 16 images, one batch of 16):
 
-* the "fewer steps" frontier: DDIM (eta 0) at 10, 20, 30, 50 steps (smoke: 2, 4), no plugins;
+* the "fewer steps" frontier of the embedded weights: DDIM (eta 0) at 8, 10, 12, 16, 20, 30 and 50
+  steps (smoke: 2, 4), no plugins;
 * DDIM 50 (smoke: 4) with ``deep_cache(interval=2)``, ``deep_cache(interval=3)``,
   ``deep_cache(interval=5)``, ``deep_cache(interval=2|3,branch=1)``, ``early_exit``,
-  ``deep_cache(interval=3),amp`` and ``deep_cache(interval=2,branch=1),amp``; on the embedded
-  model, where the shipped slimmable model exists, also ``step_aware(width=1)``, ``step_aware``
-  and ``step_aware,amp`` (they sample ``digits_slim.safetensors`` and its searched schedule).
+  ``deep_cache(interval=3),amp`` and ``deep_cache(interval=2,branch=1),amp``;
+* on the embedded model, where the shipped slimmable model exists (step_aware samples
+  ``digits_slim.safetensors``, other weights): the frontier of *those* weights, at full width
+  (``step_aware(width=1)``) and the same step counts; DDIM 50 with ``step_aware`` (its searched
+  schedule) and ``step_aware,amp``; DDIM 20 (smoke: 4) with ``step_aware(width=0.5)`` and
+  ``step_aware(width=0.25)``, the narrow widths alone.
 
-DDIM 50 without plugins (the frontier's last point) is the baseline. Every configuration is
-timed once per round (full: 2 rounds, smoke: 1), in alternating order (forward, then reversed),
-after one warm-up model call of each engine; its ``speedup`` is the median over rounds of the
-baseline's time over its time in the same round. For each configuration the sweep records the
-FLOPs per image of the whole sampling run (FlopCounterMode around one batch-1 sampling run of
-the engine: it sees the partial forwards of deep_cache and the units early_exit skips), the
-FD-digits of its images and their deviation from the DDIM-50 fp32 images.
+DDIM 50 without plugins is the baseline. Every configuration is timed once per round (full: 2
+rounds, smoke: 1), in alternating order (forward, then reversed), after one warm-up model call of
+each engine; its ``speedup`` is the median over rounds of the baseline's time over its time in the
+same round. For each configuration the sweep records the FLOPs per image of the whole sampling run
+(FlopCounterMode around one batch-1 sampling run of the engine: it sees the partial forwards of
+deep_cache and the units early_exit skips), the FD-digits of its images and their deviation from
+the DDIM-50 fp32 images.
 
-The frontier test: the frontier's FD-digits, piecewise linear in time (time relative to the
-DDIM-50 baseline of the same round, i.e. wall time in units of the baseline's), is interpolated
-at the plugin configuration's time — clamped at the frontier's ends: a configuration faster than
-DDIM 10 is compared with DDIM 10's FD, a conservative choice (the frontier only gets worse at
+The frontier test: each configuration is judged against fewer steps *of its own weights* (the
+``weights`` key: ``embedded`` or ``slimmable``), so that better-trained weights do not pass for a
+faster method. That frontier's FD-digits, piecewise linear in time (time relative to the DDIM-50
+baseline of the same round, i.e. wall time in units of the baseline's), is interpolated at the
+configuration's time — clamped at the frontier's ends: a configuration faster than its fewest
+steps is compared with that point's FD, a conservative choice (the frontier only gets worse at
 fewer steps). ``beats_fewer_steps_frontier`` is true where the configuration's FD-digits is below
 the frontier's at its time.
 
 ``extra_info``: the standard keys describe the DDIM-50 baseline (``seconds_per_step``: one model
-evaluation of an engine batch); ``configs`` holds one record per configuration (``seconds``,
-``speedup_vs_ddim50``, ``flops_per_image_run``, ``gflop_per_image``, ``fd_digits``, the deviation
-keys, ``frontier_fd_at_time``, ``beats_fewer_steps_frontier``); ``beats_fewer_steps_frontier``
+evaluation of an engine batch); ``configs`` holds one record per configuration (``weights``,
+``seconds``, ``speedup_vs_ddim50``, ``flops_per_image_run``, ``gflop_per_image``, ``fd_digits``, the
+deviation keys, ``frontier_fd_at_time``, ``beats_fewer_steps_frontier``); ``beats_fewer_steps_frontier``
 and ``frontier_fd_at_time`` are also given as {configuration: value} maps.
 
 DDPM_PERF_BENCH_QUALITY_CHECKPOINT=PATH uses another digits checkpoint (as test_quality.py does).
@@ -55,16 +61,18 @@ from ddpm_perf.plugins import PluginHost
 from conftest import quality_checkpoint_path
 
 SEED = 0
-FULL = dict(images=512, batch=128, frontier=(10, 20, 30, 50), rounds=2)
-SMOKE = dict(images=16, batch=16, frontier=(2, 4), rounds=1)
+FULL = dict(images=512, batch=128, frontier=(8, 10, 12, 16, 20, 30, 50), narrow_steps=20, rounds=2)
+SMOKE = dict(images=16, batch=16, frontier=(2, 4), narrow_steps=4, rounds=1)
 PLUGIN_SPECS = ("deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)",
                 # branch 1: the cut after the first full-resolution ResBlock (see deep_cache's docstring)
                 "deep_cache(interval=2,branch=1)", "deep_cache(interval=3,branch=1)", "early_exit",
                 "deep_cache(interval=3),amp", "deep_cache(interval=2,branch=1),amp")
 
 # step_aware without a checkpoint of its own samples the shipped slimmable model (digits_slim.safetensors) with
-# its searched schedule; width=1 is that model at full width (the fine-tuned weights, no savings).
-STEP_AWARE_SPECS = ("step_aware(width=1)", "step_aware", "step_aware,amp")
+# its searched schedule; width=1 is that model at full width (its weights' own fewer-steps frontier).
+STEP_AWARE_FULL_WIDTH = "step_aware(width=1)"
+STEP_AWARE_SPECS = ("step_aware", "step_aware,amp")
+STEP_AWARE_NARROW = ("step_aware(width=0.5)", "step_aware(width=0.25)")  # at fewer steps: narrower and fewer
 
 
 def step_aware_shipped(path) -> bool:
@@ -108,23 +116,28 @@ def test_step_compute_frontier(benchmark, timing, bench):
     c = checkpoint.model_config
     shape = (c.in_channels, c.image_size, c.image_size)
 
-    # (name, spec, steps): the frontier first; its last point (DDIM max, no plugins) is the baseline
-    configs = [(f"DDIM {s}", "", s) for s in size["frontier"]]
-    specs = PLUGIN_SPECS + (STEP_AWARE_SPECS if step_aware_shipped(path) else ())
-    configs += [(f"DDIM {full_steps} + {spec}", spec, full_steps) for spec in specs]
+    # (name, spec, steps, weights, frontier): the frontiers first; DDIM max without plugins is the baseline
+    configs = [(f"DDIM {s}", "", s, "embedded", True) for s in size["frontier"]]
+    configs += [(f"DDIM {full_steps} + {spec}", spec, full_steps, "embedded", False) for spec in PLUGIN_SPECS]
+    if step_aware_shipped(path):
+        configs += [(f"DDIM {s} + {STEP_AWARE_FULL_WIDTH}", STEP_AWARE_FULL_WIDTH, s, "slimmable", True)
+                    for s in size["frontier"]]
+        configs += [(f"DDIM {full_steps} + {spec}", spec, full_steps, "slimmable", False) for spec in STEP_AWARE_SPECS]
+        configs += [(f"DDIM {size['narrow_steps']} + {spec}", spec, size["narrow_steps"], "slimmable", False)
+                    for spec in STEP_AWARE_NARROW]
     baseline = f"DDIM {full_steps}"
-    engines = {name: make_engine(checkpoint, spec, steps, batch) for name, spec, steps in configs}
+    engines = {name: make_engine(checkpoint, spec, steps, batch) for name, spec, steps, _, _ in configs}
     for engine in engines.values():  # first-call costs outside the timed runs
         with torch.inference_mode():
             engine.denoise(torch.zeros((batch, *shape)), torch.full((batch,), 500, dtype=torch.long), StepPlan())
 
-    times: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    times: dict[str, list[float]] = {name: [] for name, *_ in configs}
     images: dict[str, torch.Tensor] = {}
 
     def sweep() -> None:
         for r in range(rounds):
             order = configs if r % 2 == 0 else configs[::-1]
-            for name, _, _ in order:
+            for name, *_ in order:
                 start = time.perf_counter()
                 images[name] = engines[name].sample(num, seed=SEED)
                 times[name].append(time.perf_counter() - start)
@@ -134,13 +147,13 @@ def test_step_compute_frontier(benchmark, timing, bench):
     ref = images[baseline]
     fd_ref = float(fd_digits(ref))
     records = {}
-    for name, spec, steps in configs:
+    for name, spec, steps, weights, frontier in configs:
         t = times[name]
         rel = [a / b for a, b in zip(t, times[baseline])]  # time relative to the baseline, per round
         flops = run_flops(engines[name])
         amp = next((p for p in engines[name].plugins.plugins if p.name == "amp"), None)
         records[name] = dict(
-            config=name, plugins=spec or "none", steps=steps, frontier=not spec,
+            config=name, plugins=spec or "none", steps=steps, weights=weights, frontier=frontier,
             dtype=amp.opts.dtype if amp else "float32",
             seconds=statistics.median(t), round_seconds=t, relative_time=statistics.median(rel),
             speedup_vs_ddim50=1 / statistics.median(rel),
@@ -149,13 +162,16 @@ def test_step_compute_frontier(benchmark, timing, bench):
             fd_digits=fd_ref if name == baseline else float(fd_digits(images[name])),
             **timing.deviation(images[name], ref, "images"),
         )
-    points = [(rec["relative_time"], rec["fd_digits"]) for rec in records.values() if rec["frontier"]]
-    fastest = min(p[0] for p in points)
+    points: dict[str, list[tuple[float, float]]] = {}
+    for rec in records.values():
+        if rec["frontier"]:
+            points.setdefault(rec["weights"], []).append((rec["relative_time"], rec["fd_digits"]))
     for rec in records.values():
         if rec["frontier"]:
             continue
-        rec["frontier_fd_at_time"] = frontier_fd(points, rec["relative_time"])
-        rec["frontier_extrapolated"] = not fastest <= rec["relative_time"] <= 1.0
+        own = points[rec["weights"]]
+        rec["frontier_fd_at_time"] = frontier_fd(own, rec["relative_time"])
+        rec["frontier_extrapolated"] = not min(own)[0] <= rec["relative_time"] <= max(own)[0]
         rec["beats_fewer_steps_frontier"] = bool(rec["fd_digits"] < rec["frontier_fd_at_time"])
 
     base = records[baseline]
@@ -167,17 +183,18 @@ def test_step_compute_frontier(benchmark, timing, bench):
         seconds_per_step=base["seconds_per_step"], flops_per_image=base["flops_per_image"],
         fd_digits=fd_ref, fd_digits_fp32=fd_ref, fd_digits_images=num,
         frontier_time_basis="wall time relative to the DDIM-%d baseline of the same round (median)" % full_steps,
+        frontier_weights="each configuration against fewer steps of its own weights (the 'weights' key)",
         configs=list(records.values()),
         beats_fewer_steps_frontier={n: r["beats_fewer_steps_frontier"] for n, r in records.items() if not r["frontier"]},
         frontier_fd_at_time={n: r["frontier_fd_at_time"] for n, r in records.items() if not r["frontier"]},
     )
     timing.headline(f"step compute vs fewer steps (digits model, {num} images, batch {batch}, {rounds} round(s)): "
-                    f"{'config':34s} {'seconds':>8s} {'speedup':>8s} {'GFLOP/img':>9s} {'FD-digits':>9s} "
+                    f"{'config':42s} {'seconds':>8s} {'speedup':>8s} {'GFLOP/img':>9s} {'FD-digits':>9s} "
                     f"{'frontier FD':>11s} beats")
     for rec in records.values():
         beats = "-" if rec["frontier"] else ("yes" if rec["beats_fewer_steps_frontier"] else "no")
         front = "-" if rec["frontier"] else f"{rec['frontier_fd_at_time']:.3f}"
-        timing.headline(f"  {rec['config']:34s} {rec['seconds']:8.2f} {rec['speedup_vs_ddim50']:7.2f}x "
+        timing.headline(f"  {rec['config']:42s} {rec['seconds']:8.2f} {rec['speedup_vs_ddim50']:7.2f}x "
                         f"{rec['gflop_per_image']:9.3f} {rec['fd_digits']:9.3f} {front:>11s} {beats}")
 
     assert all(torch.isfinite(x).all() for x in images.values())
@@ -187,3 +204,7 @@ def test_step_compute_frontier(benchmark, timing, bench):
               "deep_cache(interval=2,branch=1)", "early_exit"]
     for name in savers + (["step_aware"] if step_aware_shipped(path) else []):
         assert records[f"DDIM {full_steps} + {name}"]["flops_per_image_run"] < base["flops_per_image_run"], name
+    if step_aware_shipped(path):  # a narrow width does less work than the full one at the same steps
+        full_width = records[f"DDIM {size['narrow_steps']} + {STEP_AWARE_FULL_WIDTH}"]["flops_per_image_run"]
+        for spec in STEP_AWARE_NARROW:
+            assert records[f"DDIM {size['narrow_steps']} + {spec}"]["flops_per_image_run"] < full_width, spec

@@ -78,20 +78,23 @@ def test_the_report_shows_quality_against_the_fewer_steps_frontier(tmp_path):
     nightly_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(nightly_mod)
 
-    def config(name, plugins, time, fd, frontier_fd=None):
+    def config(name, plugins, time, fd, frontier_fd=None, weights="embedded"):
         c = dict(config=name, plugins=plugins, frontier=frontier_fd is None, relative_time=time, fd_digits=fd,
-                 flops_per_image_run=1e9 * time)
+                 flops_per_image_run=1e9 * time, steps=int(name.split()[1]), weights=weights)
         if frontier_fd is not None:
             c.update(frontier_fd_at_time=frontier_fd, beats_fewer_steps_frontier=fd < frontier_fd)
         return c
 
     configs = [config("DDIM 10", "none", 0.2, 1.5), config("DDIM 50", "none", 1.0, 1.0),
-               config("DDIM 50 + a", "a", 0.5, 1.1, frontier_fd=1.3125), config("DDIM 50 + b", "b", 0.5, 1.4, 1.3125)]
+               config("DDIM 50 + a", "a", 0.5, 1.1, frontier_fd=1.3125), config("DDIM 50 + b", "b", 0.5, 1.4, 1.3125),
+               config("DDIM 10 + c", "c", 0.2, 0.9, weights="other"), config("DDIM 50 + c", "c", 1.0, 0.8, weights="other"),
+               config("DDIM 10 + d", "d", 0.1, 1.0, frontier_fd=0.9, weights="other")]
     run = {"benchmarks": [{"extra_info": {"configs": configs}}]}
     assert nightly_mod.frontier_sweep(run) == configs
     table = "\n".join(nightly_mod.quality_vs_speed_lines(configs))
-    assert "| DDIM 50 + a | 2.00x | 0.50 | 1.100 | 1.312 | **yes** |" in table
-    assert "| DDIM 50 + b | 2.00x | 0.50 | 1.400 | 1.312 | no |" in table
+    assert "| DDIM 50 + a | embedded | 2.00x | 0.50 | 1.100 | 1.312 | **yes** |" in table
+    assert "| DDIM 50 + b | embedded | 2.00x | 0.50 | 1.400 | 1.312 | no |" in table
+    assert "| DDIM 10 + d | other | 10.00x | 0.10 | 1.000 | 0.900 | no |" in table
     nightly_mod.plot_quality_vs_speed(configs, tmp_path / "q.png", smoke=True)
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert nightly_mod.frontier_sweep({"benchmarks": [{"extra_info": {}}]}) == []
