@@ -45,6 +45,8 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -65,18 +67,33 @@ FULL = dict(images=512, batch=128, frontier=(8, 10, 12, 16, 20, 30, 50), narrow_
 SMOKE = dict(images=16, batch=16, frontier=(2, 4), narrow_steps=4, rounds=1)
 PLUGIN_SPECS = ("deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)",
                 # branch 1: the cut after the first full-resolution ResBlock (see deep_cache's docstring)
-                "deep_cache(interval=2,branch=1)", "deep_cache(interval=3,branch=1)", "early_exit",
+                "deep_cache(interval=2,branch=1)", "deep_cache(interval=3,branch=1)",
                 "deep_cache(interval=3),amp", "deep_cache(interval=2,branch=1),amp")
 
-# step_aware without a checkpoint of its own samples the shipped slimmable model (digits_slim.safetensors) with
-# its searched schedule; width=1 is that model at full width (its weights' own fewer-steps frontier).
-STEP_AWARE_FULL_WIDTH = "step_aware(width=1)"
-STEP_AWARE_SPECS = ("step_aware", "step_aware,amp")
-STEP_AWARE_NARROW = ("step_aware(width=0.5)", "step_aware(width=0.25)")  # at fewer steps: narrower and fewer
+
+@dataclass(frozen=True)
+class Shipped:
+    """A plugin that brings its own weights (sampled when no checkpoint is given): the spec that runs
+    those weights whole (their fewer-steps frontier), the configurations swept on them at the full
+    step count and at ``narrow_steps``, and whether other weights can run them at all."""
+    weights: str
+    whole: str
+    specs: tuple[str, ...]
+    fewer_steps_specs: tuple[str, ...] = ()
+    any_weights: bool = True
 
 
-def step_aware_shipped(path) -> bool:
-    return path == default_checkpoint() and PluginHost.from_spec("step_aware").default_checkpoint() is not None
+SHIPPED = {
+    # width=1: the slimmable model at full width; the narrow widths alone at fewer steps
+    "step_aware": Shipped("slimmable", "step_aware(width=1)", ("step_aware", "step_aware,amp"),
+                          ("step_aware(width=0.5)", "step_aware(width=0.25)"), any_weights=False),
+    # fine-tuned with tune=random, so the same weights also run whole
+    "early_exit": Shipped("early_exit", "", ("early_exit", "early_exit,amp")),
+}
+
+
+def shipped_weights(plugin: str) -> Path | None:
+    return PluginHost.from_spec(plugin).default_checkpoint()
 
 
 def make_engine(checkpoint, spec: str, steps: int, batch: int) -> SamplingEngine:
@@ -119,14 +136,21 @@ def test_step_compute_frontier(benchmark, timing, bench):
     # (name, spec, steps, weights, frontier): the frontiers first; DDIM max without plugins is the baseline
     configs = [(f"DDIM {s}", "", s, "embedded", True) for s in size["frontier"]]
     configs += [(f"DDIM {full_steps} + {spec}", spec, full_steps, "embedded", False) for spec in PLUGIN_SPECS]
-    if step_aware_shipped(path):
-        configs += [(f"DDIM {s} + {STEP_AWARE_FULL_WIDTH}", STEP_AWARE_FULL_WIDTH, s, "slimmable", True)
+    checkpoints = {"embedded": checkpoint}
+    for plugin, ship in SHIPPED.items():
+        own = shipped_weights(plugin) if path == default_checkpoint() else None
+        if own is None:  # another checkpoint under test, or nothing shipped: the plugin runs on it if it can
+            configs += [] if not ship.any_weights else [(f"DDIM {full_steps} + {spec}", spec, full_steps, "embedded", False) for spec in ship.specs]
+            continue
+        checkpoints[ship.weights] = load_checkpoint(own)
+        configs += [(f"DDIM {s} + {ship.whole or plugin + ' weights'}", ship.whole, s, ship.weights, True)
                     for s in size["frontier"]]
-        configs += [(f"DDIM {full_steps} + {spec}", spec, full_steps, "slimmable", False) for spec in STEP_AWARE_SPECS]
-        configs += [(f"DDIM {size['narrow_steps']} + {spec}", spec, size["narrow_steps"], "slimmable", False)
-                    for spec in STEP_AWARE_NARROW]
+        configs += [(f"DDIM {full_steps} + {spec}", spec, full_steps, ship.weights, False) for spec in ship.specs]
+        configs += [(f"DDIM {size['narrow_steps']} + {spec}", spec, size["narrow_steps"], ship.weights, False)
+                    for spec in ship.fewer_steps_specs]
     baseline = f"DDIM {full_steps}"
-    engines = {name: make_engine(checkpoint, spec, steps, batch) for name, spec, steps, _, _ in configs}
+    engines = {name: make_engine(checkpoints[weights], spec, steps, batch)
+               for name, spec, steps, weights, _ in configs}
     for engine in engines.values():  # first-call costs outside the timed runs
         with torch.inference_mode():
             engine.denoise(torch.zeros((batch, *shape)), torch.full((batch,), 500, dtype=torch.long), StepPlan())
@@ -201,10 +225,10 @@ def test_step_compute_frontier(benchmark, timing, bench):
     assert base["rel_dev"] == 0.0
     # the step-compute savers do less work per image than the baseline
     savers = ["deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)",
-              "deep_cache(interval=2,branch=1)", "early_exit"]
-    for name in savers + (["step_aware"] if step_aware_shipped(path) else []):
+              "deep_cache(interval=2,branch=1)", "step_aware", "early_exit"]
+    for name in (n for n in savers if f"DDIM {full_steps} + {n}" in records):
         assert records[f"DDIM {full_steps} + {name}"]["flops_per_image_run"] < base["flops_per_image_run"], name
-    if step_aware_shipped(path):  # a narrow width does less work than the full one at the same steps
-        full_width = records[f"DDIM {size['narrow_steps']} + {STEP_AWARE_FULL_WIDTH}"]["flops_per_image_run"]
-        for spec in STEP_AWARE_NARROW:
+    if "slimmable" in checkpoints:  # a narrow width does less work than the full one at the same steps
+        full_width = records[f"DDIM {size['narrow_steps']} + {SHIPPED['step_aware'].whole}"]["flops_per_image_run"]
+        for spec in SHIPPED["step_aware"].fewer_steps_specs:
             assert records[f"DDIM {size['narrow_steps']} + {spec}"]["flops_per_image_run"] < full_width, spec

@@ -1,19 +1,23 @@
 """early_exit: ASE-style time-dependent block skipping (Moon et al., ICML 2024) for the conv U-Net.
 
 Near pure noise (large t) units are skipped, fewer as t falls; near t = 0 the whole network runs.
-Which units go first: ``order=deep`` takes the middle block and the ResBlocks/attention of the
-lowest-resolution levels (ASE's DiT recipe: deep blocks first), ``order=shallow`` those of the
-full-resolution level inwards. On a small conv U-Net the deep units are cheap, so only the
+Which units go first: ``order=shallow`` (the default) those of the full-resolution level inwards,
+``order=deep`` the middle block and the ResBlocks/attention of the lowest-resolution levels (ASE's
+DiT recipe: deep blocks first). On a small conv U-Net the deep units are cheap, so only the
 shallow order saves much (docs/performance.md, "early_exit"). A skipped ResBlock
 keeps its 1x1 shortcut where channels change, attention becomes the identity, and every skip
 concatenation stays (StepPlan.skip). Skipping changes the function, so fine-tune with the same
 schedule: ``ddpm-perf train --plugins early_exit --init CKPT ...`` trains every sample with the
-units its timestep would skip (the batch is split by schedule bucket).
+units its timestep would skip (the batch is split by schedule bucket). The defaults are the
+schedule of the fine-tuned digits model this plugin ships, which it samples when no checkpoint
+is given.
 """
 
 from __future__ import annotations
 
 import warnings
+from importlib import resources
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,6 +26,11 @@ from ddpm_perf.errors import RunWarning, UserError
 from ddpm_perf.hooks import hookimpl
 from ddpm_perf.model.unet import StepPlan
 from ddpm_perf.plugins import Option, Phase, Plugin, parse_spec, split_spec
+
+
+def shipped_checkpoint() -> Path:
+    """The digits model fine-tuned with this plugin's default schedule (used when no checkpoint is given)."""
+    return Path(str(resources.files("ddpm_perf_plugins") / "assets" / "digits_early_exit.safetensors"))
 
 
 def skip_candidates(unit_names: list[str], num_levels: int, levels: int, order: str = "deep") -> list[str]:
@@ -79,12 +88,12 @@ class EarlyExit(Plugin):
     description = "ASE early exit: skip U-Net units on a time schedule, more near pure noise."
     phase = Phase.REWRITE
     options = {
-        "levels": Option(int, 1, "levels whose units may be skipped: the lowest-resolution ones and the middle "
-                                  "(order=deep) or the highest-resolution ones (order=shallow)"),
-        "max_skip": Option(float, 0.5, "fraction of those units skipped in the noisiest bucket"),
+        "levels": Option(int, 2, "levels whose units may be skipped: the highest-resolution ones (order=shallow) "
+                                  "or the lowest-resolution ones and the middle (order=deep)"),
+        "max_skip": Option(float, 0.7, "fraction of those units skipped in the noisiest bucket"),
         "buckets": Option(int, 5, "equal timestep ranges; the least noisy runs the whole network"),
-        "order": Option(str, "deep", "which units a growing skip takes first: deep (the middle outwards) or "
-                                     "shallow (the image's resolution inwards)", choices=("deep", "shallow")),
+        "order": Option(str, "shallow", "which units a growing skip takes first: shallow (the image's resolution "
+                                        "inwards) or deep (the middle outwards)", choices=("shallow", "deep")),
         "tune": Option(str, "schedule", "training: each sample skips what its timestep's bucket skips (schedule) "
                                         "or what a random bucket skips, at any timestep (random: LayerDrop-like)",
                        choices=("schedule", "random")),
@@ -98,6 +107,10 @@ class EarlyExit(Plugin):
             raise UserError("plugin early_exit: needs levels >= 0, max_skip in [0, 1] and buckets >= 2")
         self.skips: list[frozenset[str]] = []
         self._num_timesteps = 1000
+
+    def default_checkpoint(self) -> Path | None:
+        """With no --checkpoint, the shipped digits model fine-tuned for the default schedule."""
+        return shipped_checkpoint() if shipped_checkpoint().is_file() else None
 
     def bucket_of(self, t):
         return t * self.opts.buckets // self._num_timesteps

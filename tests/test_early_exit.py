@@ -25,7 +25,7 @@ def engine(path, spec, sampler="ddim", steps=6):
 
 
 def test_schedule_skips_more_near_noise_and_nothing_near_zero(tiny_checkpoint):
-    eng = engine(tiny_checkpoint, "early_exit(levels=1,max_skip=1.0,buckets=4)")
+    eng = engine(tiny_checkpoint, "early_exit(levels=1,max_skip=1.0,buckets=4,order=deep)")
     plugin = eng.plugins.plugins[0]
     sizes = [len(s) for s in plugin.skips]
     assert sizes[0] == 0 and sizes == sorted(sizes) and sizes[-1] > sizes[1]
@@ -67,7 +67,7 @@ def test_sampling_applies_the_schedule(tiny_checkpoint, sampler):
 def test_training_runs_each_sample_with_its_own_skips(tmp_path):
     cfg = TrainConfig(steps=1, batch_size=6, warmup=1, checkpoint_every=1)
     trainer = Trainer(TINY, ScheduleConfig(), DataSpec("digits"), cfg, tmp_path / "r",
-                      PluginHost.from_spec("early_exit(max_skip=1.0)"))
+                      PluginHost.from_spec("early_exit(levels=1,max_skip=1.0,order=deep)"))
     wrapped, plugin = trainer.model, trainer.plugins.plugins[0]
     x, t = torch.randn(6, 1, 16, 16), torch.tensor([5, 990, 400, 999, 10, 650])
     out = wrapped(x, t)
@@ -91,12 +91,12 @@ def test_training_runs_each_sample_with_its_own_skips(tmp_path):
         return CliRunner().invoke(main, ["sample", "--checkpoint", str(converted), "-n", "2", "--steps", "2",
                                          "--no-progress", "--plugins", spec, "--out", str(tmp_path / "s.png")])
 
-    assert "warning" not in sample("early_exit(max_skip=1.0)").stderr  # the schedule it was tuned for
+    assert "warning" not in sample("early_exit(levels=1,max_skip=1.0,order=deep)").stderr  # its schedule
     warned = sample("early_exit").stderr.strip().splitlines()
-    assert warned == ["ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5,order=deep): the "
+    assert warned == ["ddpm-perf: warning: plugin early_exit(levels=2,max_skip=0.7,buckets=5,order=shallow): the "
                       "weights were fine-tuned with early_exit(levels=1,max_skip=1.0,buckets=5,order=deep); skipping "
                       "units then changes what the network computes. Fine-tune first: ddpm-perf train --plugins "
-                      "'early_exit(levels=1,max_skip=0.5,buckets=5,order=deep)' --init CKPT ..."]
+                      "'early_exit(levels=2,max_skip=0.7,buckets=5,order=shallow)' --init CKPT ..."]
 
 
 def test_random_tuning_skips_a_random_bucket_at_any_timestep(tmp_path):
@@ -126,10 +126,30 @@ def test_weights_never_fine_tuned_get_a_warning(tiny_checkpoint, tmp_path):
     result = CliRunner().invoke(main, ["sample", "--checkpoint", str(tiny_checkpoint), "-n", "2", "--steps", "2",
                                        "--no-progress", "--plugins", "early_exit", "--out", str(tmp_path / "s.png")])
     assert result.exit_code == 0
-    assert ("ddpm-perf: warning: plugin early_exit(levels=1,max_skip=0.5,buckets=5,order=deep): the checkpoint "
-            "records no") in result.stderr
+    assert ("ddpm-perf: warning: plugin early_exit(levels=2,max_skip=0.7,buckets=5,order=shallow): the "
+            "checkpoint records no") in result.stderr
     assert (tmp_path / "s.png").exists()
 
+
+def test_without_a_checkpoint_it_samples_the_shipped_fine_tuned_model(tmp_path, monkeypatch):
+    """The defaults are the shipped model's schedule: no --checkpoint, no warning."""
+    import ddpm_perf_plugins.early_exit as early_exit
+    from ddpm_perf.model.checkpoint import default_checkpoint, save_checkpoint
+
+    embedded = load_checkpoint(default_checkpoint())
+    default_spec = PluginHost.from_spec("early_exit").spec
+    path = save_checkpoint(tmp_path / "digits_early_exit.safetensors", embedded.model_config,
+                           embedded.schedule_config, embedded.weights,
+                           trained_with=default_spec.replace("tune=schedule", "tune=random"))
+    monkeypatch.setattr(early_exit, "shipped_checkpoint", lambda: path)
+    assert PluginHost.from_spec("early_exit").default_checkpoint() == path
+    result = CliRunner().invoke(main, ["sample", "--plugins", "early_exit", "-n", "2", "--steps", "2",
+                                       "--no-progress", "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    assert "model: digits_early_exit.safetensors, the plugins' own" in result.stdout
+    assert "warning" not in result.stderr
+    monkeypatch.setattr(early_exit, "shipped_checkpoint", lambda: tmp_path / "absent.safetensors")
+    assert PluginHost.from_spec("early_exit").default_checkpoint() is None
 
 
 def test_bad_options(tiny_checkpoint):

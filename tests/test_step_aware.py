@@ -296,7 +296,7 @@ def test_search_finds_a_schedule_within_budget(slim_checkpoint, tmp_path):
 
 def test_stacks_with_early_exit_and_channels_last(slim_checkpoint):
     write_schedule(str(slim_checkpoint) + ".step_aware.json", slim_checkpoint, SEGMENTS)
-    eng = engine(slim_checkpoint, "step_aware,early_exit(max_skip=1.0),channels_last")
+    eng = engine(slim_checkpoint, "step_aware,early_exit(levels=1,max_skip=1.0,order=deep),channels_last")
     out = eng.sample(4, seed=5)
     skips = next(p for p in eng.plugins.plugins if p.name == "early_exit").skips
     model, diffusion = load_checkpoint(slim_checkpoint).build()
