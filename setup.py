@@ -83,7 +83,7 @@ setup(
               "ddpm_perf.ops", "ddpm_perf_plugins", "ddpm_perf_plugins.patch_parallel", "ddpm_perf_triton"],
     package_dir={"ddpm_perf": "ddpm_perf", "ddpm_perf_plugins": "plugins", "ddpm_perf_triton": "triton_kernels"},
     package_data={"ddpm_perf": ["assets/*.safetensors", "assets/*.int8.json"],
-                  "ddpm_perf_plugins": ["assets/*.safetensors", "assets/*.step_aware.json"]},  # step_aware's model
+                  "ddpm_perf_plugins": ["assets/*.safetensors", "assets/*.step_aware.json"]},  # the plugins' models
     install_requires=[
         "torch>=2.4",  # install the build you want first (the Makefile pins the CPU build)
         "numpy", "click>=8", "pluggy>=1.3", "safetensors>=0.4", "tqdm", "pillow",
