@@ -413,8 +413,8 @@ def frontier_sweep(run: dict) -> list[dict]:
 def quality_vs_speed_lines(configs: list[dict]) -> list[str]:
     lines = ["## Quality versus speed: step-compute plugins against fewer DDIM steps", "",
              "FD-digits (lower is better) against wall time relative to the full-step baseline of the same round. "
-             "A plugin configuration beats the fewer-steps frontier when its FD-digits is below that of fewer steps "
-             "of the same weights, interpolated at its time (clamped at the frontier's ends). "
+             "A plugin configuration beats the fewer-steps frontier when its FD-digits is below the best of fewer steps "
+             "of the same weights that take no longer (any faster point, or the curve through the points, at its time). "
              "Plot: quality_vs_speed.png.", "",
              "| configuration | weights | speedup | GFLOP per image (run) | FD-digits | frontier FD at that time "
              "| beats fewer steps |",

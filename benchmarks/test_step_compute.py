@@ -24,13 +24,13 @@ deep_cache and the units early_exit skips), the FD-digits of its images and thei
 the DDIM-50 fp32 images.
 
 The frontier test: each configuration is judged against fewer steps *of its own weights* (the
-``weights`` key: ``embedded`` or ``slimmable``), so that better-trained weights do not pass for a
-faster method. That frontier's FD-digits, piecewise linear in time (time relative to the DDIM-50
-baseline of the same round, i.e. wall time in units of the baseline's), is interpolated at the
-configuration's time — clamped at the frontier's ends: a configuration faster than its fewest
-steps is compared with that point's FD, a conservative choice (the frontier only gets worse at
-fewer steps). ``beats_fewer_steps_frontier`` is true where the configuration's FD-digits is below
-the frontier's at its time.
+``weights`` key: ``embedded``, ``slimmable`` or ``early_exit``), so that better-trained weights do
+not pass for a faster method. The frontier's FD-digits at the configuration's time (time relative
+to the DDIM-50 baseline of the same round) is the best of what takes no longer: any frontier point
+at or before that time, or the piecewise-linear curve through the points — clamped at the fastest
+point: a configuration faster than its fewest steps is compared with that point's FD, a
+conservative choice (the frontier only gets worse at fewer steps). ``beats_fewer_steps_frontier``
+is true where the configuration's FD-digits is below the frontier's at its time.
 
 ``extra_info``: the standard keys describe the DDIM-50 baseline (``seconds_per_step``: one model
 evaluation of an engine batch); ``configs`` holds one record per configuration (``weights``,
@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +55,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_perf.diffusion.samplers import DDIMSampler
-from ddpm_perf.diffusion.schedule import Diffusion
+from ddpm_perf.diffusion.schedule import Diffusion, ScheduleConfig
 from ddpm_perf.engine import SamplingEngine
-from ddpm_perf.model.checkpoint import default_checkpoint, load_checkpoint
+from ddpm_perf.errors import RunWarning
+from ddpm_perf.model.checkpoint import default_checkpoint, load_checkpoint, save_checkpoint
 from ddpm_perf.model.unet import StepPlan, count_parameters
 from ddpm_perf.plugins import PluginHost
 
@@ -113,9 +115,12 @@ def run_flops(engine: SamplingEngine) -> int:
 
 
 def frontier_fd(points: list[tuple[float, float]], at: float) -> float:
-    """FD of the (time, FD) frontier, piecewise linear in time, clamped at its ends."""
+    """FD of the (time, FD) fewer-steps frontier at time ``at``: the best of what takes no longer —
+    any point at or before ``at``, or the piecewise-linear curve through the points (step counts in
+    between) — clamped at the fastest point. On a curve that is not monotone (fewer steps can score
+    better) a configuration must beat every faster point, not only its neighbours."""
     times, fds = zip(*sorted(points))
-    return float(np.interp(at, times, fds))
+    return min([float(np.interp(at, times, fds)), *(fd for t, fd in points if t <= at)])
 
 
 def test_step_compute_frontier(benchmark, timing, bench):
@@ -232,3 +237,62 @@ def test_step_compute_frontier(benchmark, timing, bench):
         full_width = records[f"DDIM {size['narrow_steps']} + {SHIPPED['step_aware'].whole}"]["flops_per_image_run"]
         for spec in SHIPPED["step_aware"].fewer_steps_specs:
             assert records[f"DDIM {size['narrow_steps']} + {spec}"]["flops_per_image_run"] < full_width, spec
+
+
+# Speed only, on the benchmark U-Net with random weights (the cifar10 config; quality is the digits sweep's):
+# DeepCache's paper setting and the cut inside the first level, early exit's default schedule (its
+# units skipped as a fine-tuned model would skip them), and two fixed widths of a slimmable U-Net.
+SPEED_SPECS = ("deep_cache(interval=3)", "deep_cache(interval=5)", "deep_cache(interval=2,branch=1)", "early_exit",
+               "step_aware(width=0.75)", "step_aware(width=0.5)")
+SLIMMABLE = {"plugins": {"step_aware": {"widths": [1.0, 0.75, 0.5, 0.25]}}}  # what sandwich training records
+
+
+def test_step_compute_speed(benchmark, timing, bench, unet, tmp_path):
+    """The step-compute plugins' speedup over the plain model (``bench``'s config, random weights,
+    DDIM 10, smoke: 4), each timed once per round, rounds in alternating order, against the FLOPs
+    of the run. The images' deviation from the plain model's is recorded but means nothing here:
+    random weights, and every one of these plugins changes the function."""
+    steps, rounds = (4, 1) if bench.smoke else (10, 2)
+    weights = {k: v.detach() for k, v in unet.state_dict().items()}
+    path = save_checkpoint(tmp_path / "random.safetensors", bench.model_config, ScheduleConfig(), weights,
+                           train_meta=SLIMMABLE)
+    checkpoint = load_checkpoint(path)
+    specs = ("",) + SPEED_SPECS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RunWarning)  # early_exit: weights never fine-tuned (speed only)
+        engines = {spec: make_engine(checkpoint, spec, steps, bench.batch) for spec in specs}
+    times: dict[str, list[float]] = {spec: [] for spec in specs}
+    images: dict[str, torch.Tensor] = {}
+    for engine in engines.values():
+        with torch.inference_mode():
+            engine.denoise(torch.zeros((bench.batch, *bench.image_shape)),
+                           torch.full((bench.batch,), 500, dtype=torch.long), StepPlan())
+
+    def sweep() -> None:
+        for r in range(rounds):
+            for spec in specs if r % 2 == 0 else specs[::-1]:
+                start = time.perf_counter()
+                images[spec] = engines[spec].sample(bench.batch, seed=SEED)
+                times[spec].append(time.perf_counter() - start)
+
+    benchmark.pedantic(sweep, rounds=1, warmup_rounds=0)
+
+    base_flops = run_flops(engines[""])
+    records = []
+    for spec in SPEED_SPECS:
+        flops = run_flops(engines[spec])
+        per_round = [b / t for b, t in zip(times[""], times[spec])]
+        records.append(dict(plugins=spec, speedup=statistics.median(per_round), round_speedups=per_round,
+                            flops_of_plain=flops / base_flops, seconds=statistics.median(times[spec]),
+                            **timing.deviation(images[spec], images[""], "images")))
+    benchmark.extra_info.update(
+        sampler=f"DDIM {steps} (eta 0)", steps=steps, rounds=rounds, weights="random",
+        seconds_per_step=statistics.median(times[""]) / steps, configs=records,
+        speedup_vs_plain={r["plugins"]: r["speedup"] for r in records},
+        flops_of_plain={r["plugins"]: r["flops_of_plain"] for r in records})
+    timing.headline(f"step compute, speed only ({bench.config_name}, random weights, batch {bench.batch}, "
+                    f"DDIM {steps}, {rounds} round(s)): {'plugins':32s} {'speedup':>8s} {'FLOPs':>6s}")
+    for r in records:
+        timing.headline(f"  {r['plugins']:32s} {r['speedup']:7.2f}x {r['flops_of_plain']:6.3f}")
+    for r in records:  # each does less work than the plain model
+        assert r["flops_of_plain"] < 1.0, r["plugins"]
