@@ -7,8 +7,11 @@ of 128; smoke: 16 images, one batch of 16):
 * the "fewer steps" frontier of the embedded weights: DDIM (eta 0) at 8, 10, 12, 16, 20, 30 and 50
   steps (smoke: 2, 4), no plugins;
 * DDIM 50 (smoke: 4) with ``deep_cache(interval=2)``, ``deep_cache(interval=3)``,
-  ``deep_cache(interval=5)``, ``deep_cache(interval=2|3,branch=1)``, ``early_exit``,
+  ``deep_cache(interval=5)``, ``deep_cache(interval=2|3,branch=1)``,
   ``deep_cache(interval=3),amp`` and ``deep_cache(interval=2,branch=1),amp``;
+* where the shipped early-exit model exists: the frontier of those weights run whole, and DDIM 50
+  with ``early_exit`` and ``early_exit,amp`` (on another checkpoint under test, early_exit runs on
+  it, judged against its frontier);
 * on the embedded model, where the shipped slimmable model exists (step_aware samples
   ``digits_slim.safetensors``, other weights): the frontier of *those* weights, at full width
   (``step_aware(width=1)``) and the same step counts; DDIM 50 with ``step_aware`` (its searched
@@ -39,6 +42,9 @@ deviation keys, ``frontier_fd_at_time``, ``beats_fewer_steps_frontier``); ``beat
 and ``frontier_fd_at_time`` are also given as {configuration: value} maps.
 
 DDPM_PERF_BENCH_QUALITY_CHECKPOINT=PATH uses another digits checkpoint (as test_quality.py does).
+
+A second test, ``test_step_compute_speed``, times the plugins on the benchmark U-Net (cifar10
+config, random weights: speed and FLOPs only).
 """
 
 from __future__ import annotations
