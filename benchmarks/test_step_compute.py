@@ -8,7 +8,7 @@ of 128; smoke: 16 images, one batch of 16):
   steps (smoke: 2, 4), no plugins;
 * DDIM 50 (smoke: 4) with ``deep_cache(interval=2)``, ``deep_cache(interval=3)``,
   ``deep_cache(interval=5)``, ``deep_cache(interval=2|3,branch=1)``,
-  ``deep_cache(interval=3),amp`` and ``deep_cache(interval=2,branch=1),amp``;
+  ``deep_cache(interval=3,branch=1,schedule=nonuniform)``, ``deep_cache(interval=3),amp`` and ``deep_cache(interval=2,branch=1),amp``;
 * where the shipped early-exit model exists: the frontier of those weights run whole, and DDIM 50
   with ``early_exit`` and ``early_exit,amp`` (on another checkpoint under test, early_exit runs on
   it, judged against its frontier);
@@ -76,6 +76,7 @@ SMOKE = dict(images=16, batch=16, frontier=(2, 4), narrow_steps=4, rounds=1)
 PLUGIN_SPECS = ("deep_cache(interval=2)", "deep_cache(interval=3)", "deep_cache(interval=5)",
                 # branch 1: the cut after the first full-resolution ResBlock (see deep_cache's docstring)
                 "deep_cache(interval=2,branch=1)", "deep_cache(interval=3,branch=1)",
+                "deep_cache(interval=3,branch=1,schedule=nonuniform)",  # the digits model's choice (session 10)
                 "deep_cache(interval=3),amp", "deep_cache(interval=2,branch=1),amp")
 
 

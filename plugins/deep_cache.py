@@ -9,8 +9,9 @@ per down unit that pushes a skip. DeepCache's DDPM code's branch b is skip index
 CIFAR-10 default (code branch 2, the paper's "skip branch 3") is ``branch=3`` here: the shallow
 path is the full-resolution level, its downsample and the matching up units. On a small model
 whose full-resolution level is most of the compute (the 16x16 digits model), a cut inside that
-level pays instead: ``branch=1`` (after its first ResBlock) with ``interval=2`` is the measured
-choice there (docs/performance.md, "deep_cache: where to cut").
+level pays instead: ``branch=1`` (after its first ResBlock) with ``interval=3`` and the
+paper's non-uniform schedule is the measured choice there (docs/performance.md, "deep_cache: where
+to cut" and its session-10 re-measurement).
 """
 
 from __future__ import annotations
