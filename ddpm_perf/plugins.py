@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import importlib.metadata as md
+from importlib import resources
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,8 @@ class Plugin:
     options: ClassVar[dict[str, Option]] = {}
     conflicts: ClassVar[tuple[str, ...]] = ()
     ops: ClassVar[tuple[str, ...]] = ()  # custom ops it runs: `ddpm-perf plugins` shows their backends
+    # weights fine-tuned for the plugin, a file in assets/ of its package: sampled when no checkpoint is given
+    shipped_model: ClassVar[str | None] = None
 
     @classmethod
     def available(cls) -> str | None:
@@ -102,10 +105,19 @@ class Plugin:
             raise UserError(f"plugin {self.name}: unknown option {unknown[0]!r}; options: {known}")
         self.opts = SimpleNamespace(**{k: values.get(k, o.default) for k, o in self.options.items()})
 
+    @classmethod
+    def shipped_model_path(cls) -> Path | None:
+        """Where ``shipped_model`` lives, in ``assets/`` of the plugin's package (installed or not)."""
+        if cls.shipped_model is None:
+            return None
+        package = cls.__module__.rpartition(".")[0] or cls.__module__
+        return Path(str(resources.files(package) / "assets" / cls.shipped_model))
+
     def default_checkpoint(self) -> Path | None:
-        """A checkpoint to sample when the user gives none (e.g. weights fine-tuned for this
-        plugin, shipped with it), or None for the core's embedded model."""
-        return None
+        """A checkpoint to sample when the user gives none: the shipped model if it is installed,
+        else None for the core's embedded model."""
+        path = self.shipped_model_path()
+        return path if path is not None and path.is_file() else None
 
     @property
     def spec(self) -> str:

@@ -16,8 +16,6 @@ is given.
 from __future__ import annotations
 
 import warnings
-from importlib import resources
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,11 +24,6 @@ from ddpm_perf.errors import RunWarning, UserError
 from ddpm_perf.hooks import hookimpl
 from ddpm_perf.model.unet import StepPlan
 from ddpm_perf.plugins import Option, Phase, Plugin, parse_spec, split_spec
-
-
-def shipped_checkpoint() -> Path:
-    """The digits model fine-tuned with this plugin's default schedule (used when no checkpoint is given)."""
-    return Path(str(resources.files("ddpm_perf_plugins") / "assets" / "digits_early_exit.safetensors"))
 
 
 def skip_candidates(unit_names: list[str], num_levels: int, levels: int, order: str = "deep") -> list[str]:
@@ -85,6 +78,7 @@ class TimeGroupedSkip(nn.Module):
 
 class EarlyExit(Plugin):
     name = "early_exit"
+    shipped_model = "digits_early_exit.safetensors"  # fine-tuned for the default schedule
     description = "ASE early exit: skip U-Net units on a time schedule, more near pure noise."
     phase = Phase.REWRITE
     options = {
@@ -107,10 +101,6 @@ class EarlyExit(Plugin):
             raise UserError("plugin early_exit: needs levels >= 0, max_skip in [0, 1] and buckets >= 2")
         self.skips: list[frozenset[str]] = []
         self._num_timesteps = 1000
-
-    def default_checkpoint(self) -> Path | None:
-        """With no --checkpoint, the shipped digits model fine-tuned for the default schedule."""
-        return shipped_checkpoint() if shipped_checkpoint().is_file() else None
 
     def bucket_of(self, t):
         return t * self.opts.buckets // self._num_timesteps

@@ -28,7 +28,6 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -47,11 +46,6 @@ from ddpm_perf.plugins import Option, Phase, Plugin
 FORMAT = "ddpm-perf-step-aware/1"
 SCHEDULE_SUFFIX = ".step_aware.json"
 DEFAULT_WIDTHS = "1:0.75:0.5:0.25"  # ":" because "," separates plugin options
-
-
-def shipped_checkpoint() -> Path:
-    """The slimmable digits model this plugin ships (used when no checkpoint is given)."""
-    return Path(str(resources.files("ddpm_perf_plugins") / "assets" / "digits_slim.safetensors"))
 
 
 # -- the slimmable layers ---------------------------------------------------------------------
@@ -386,6 +380,7 @@ class Schedule:
 
 class StepAware(Plugin):
     name = "step_aware"
+    shipped_model = "digits_slim.safetensors"  # the embedded model is not slimmable
     description = "DDSM: a slimmable U-Net that runs a narrower slice at the steps that matter less."
     phase = Phase.REWRITE
     options = {
@@ -416,10 +411,6 @@ class StepAware(Plugin):
         self.fingerprint = ""
 
     # -- setup --
-
-    def default_checkpoint(self) -> Path | None:
-        """With no --checkpoint, the shipped slimmable digits model (the embedded one is not slimmable)."""
-        return shipped_checkpoint() if shipped_checkpoint().is_file() else None
 
     @hookimpl
     def configure(self, ctx):
@@ -531,9 +522,9 @@ class StepAware(Plugin):
 
     # -- the schedule search --
 
-    @staticmethod
-    def default_search_checkpoint() -> Path:
-        path = shipped_checkpoint()
+    @classmethod
+    def default_search_checkpoint(cls) -> Path:
+        path = cls.shipped_model_path()
         if not path.is_file():
             raise UserError("search: give --checkpoint, a model trained with 'ddpm-perf train --plugins step_aware'")
         return path

@@ -141,14 +141,15 @@ def test_without_a_checkpoint_it_samples_the_shipped_fine_tuned_model(tmp_path, 
     path = save_checkpoint(tmp_path / "digits_early_exit.safetensors", embedded.model_config,
                            embedded.schedule_config, embedded.weights,
                            trained_with=default_spec.replace("tune=schedule", "tune=random"))
-    monkeypatch.setattr(early_exit, "shipped_checkpoint", lambda: path)
+    monkeypatch.setattr(early_exit.EarlyExit, "shipped_model_path", classmethod(lambda cls: path))
     assert PluginHost.from_spec("early_exit").default_checkpoint() == path
     result = CliRunner().invoke(main, ["sample", "--plugins", "early_exit", "-n", "2", "--steps", "2",
                                        "--no-progress", "--out", str(tmp_path / "s.png")])
     assert result.exit_code == 0, result.output
     assert "model: digits_early_exit.safetensors, the plugins' own" in result.stdout
     assert "warning" not in result.stderr
-    monkeypatch.setattr(early_exit, "shipped_checkpoint", lambda: tmp_path / "absent.safetensors")
+    monkeypatch.setattr(early_exit.EarlyExit, "shipped_model_path",
+                        classmethod(lambda cls: tmp_path / "absent.safetensors"))
     assert PluginHost.from_spec("early_exit").default_checkpoint() is None
 
 

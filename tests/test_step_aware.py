@@ -342,7 +342,7 @@ def test_without_a_checkpoint_it_samples_the_shipped_slimmable_model(tmp_path, m
     path = save_checkpoint(tmp_path / "digits_slim.safetensors", embedded.model_config, embedded.schedule_config,
                            embedded.weights, train_meta=SLIM_META)
     write_schedule(str(path) + ".step_aware.json", path, [(0, 500, 1.0), (500, 1000, 0.5)])
-    monkeypatch.setattr(step_aware, "shipped_checkpoint", lambda: path)
+    monkeypatch.setattr(step_aware.StepAware, "shipped_model_path", classmethod(lambda cls: path))
     assert PluginHost.from_spec("step_aware").default_checkpoint() == path
     result = CliRunner().invoke(main, ["sample", "--plugins", "step_aware", "-n", "2", "--steps", "2",
                                        "--no-progress", "--out", str(tmp_path / "s.png")])
@@ -351,7 +351,8 @@ def test_without_a_checkpoint_it_samples_the_shipped_slimmable_model(tmp_path, m
     # the embedded model itself is not slimmable
     with pytest.raises(UserError, match="was not trained slimmable"):
         engine(default_checkpoint(), "step_aware", steps=2, batch=2)
-    monkeypatch.setattr(step_aware, "shipped_checkpoint", lambda: tmp_path / "absent.safetensors")
+    monkeypatch.setattr(step_aware.StepAware, "shipped_model_path",
+                        classmethod(lambda cls: tmp_path / "absent.safetensors"))
     assert PluginHost.from_spec("step_aware").default_checkpoint() is None
 
 
