@@ -1,4 +1,4 @@
-"""ddpm_perf::int8_conv2d (AVX-512 VNNI and portable CPU kernels) against the PyTorch reference."""
+"""ddpm_perf::int8_conv2d (AMX-INT8, AVX-512 VNNI and portable CPU kernels) against the PyTorch reference."""
 
 import pytest
 import torch
@@ -47,6 +47,27 @@ def test_matches_reference(n, c, o, hw, k, stride, pad, dtype, channels_last, wi
     torch.testing.assert_close(y, y_ref, **TOL[dtype])
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), c=st.sampled_from([64, 128, 192]), o=st.sampled_from([16, 32, 48, 80]),
+       hw=st.tuples(st.integers(1, 9), st.integers(1, 9)), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
+       pad=st.sampled_from([0, 1]), dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_bias=st.booleans(),
+       zp=st.sampled_from([0, 128, 255]))
+def test_matches_reference_at_tile_shapes(n, c, o, hw, k, stride, pad, dtype, with_bias, zp):
+    """Channels in multiples of 64 and outputs in multiples of 16 (an odd number of 16-blocks too),
+    stride 1: the shapes the AMX-INT8 path takes where the CPU has it (32 padded-row positions x
+    32 outputs per block: rows narrower than a block, blocks across rows, dropped padding
+    columns); stride 2 falls back to the vector path."""
+    h, w = hw
+    if h + 2 * pad < k or w + 2 * pad < k:
+        return
+    _, wq, scale, bias, colsum = quantized(o, c, k)
+    x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+    bias = bias if with_bias else None
+    y = run(x, wq, scale, bias, colsum, 0.02, zp, k, stride, pad)
+    y_ref = reference.int8_conv2d(x, wq, scale, bias, 0.02, zp, (stride, stride), (pad, pad))
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+
+
 @pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (3, 2, 0), (3, 1, 0), (1, 1, 0)])
 @pytest.mark.parametrize("shape", [(3, 20, 13, 9), (1, 20, 3, 3)], ids=["split-inside-images", "fewer-tiles-than-threads"])
 def test_threads_split_images_anywhere_and_agree(k, stride, pad, shape):
@@ -67,6 +88,25 @@ def test_threads_split_images_anywhere_and_agree(k, stride, pad, shape):
         assert torch.equal(y, results[0])
     y_ref = reference.int8_conv2d(x, wq, scale, bias, 0.02, 7, (stride, stride), (pad, pad))
     torch.testing.assert_close(results[0], y_ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("k, pad", [(3, 1), (1, 0)])
+def test_threads_agree_at_tile_shapes(k, pad):
+    """The AMX path splits (image, block, output pair) items between threads: bit-identical."""
+    _, wq, scale, bias, colsum = quantized(48, 64, k)
+    x = torch.randn(3, 64, 13, 9).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(run(x, wq, scale, bias, colsum, 0.02, 7, k, 1, pad))
+    finally:
+        torch.set_num_threads(threads)
+    for y in results[1:]:
+        assert torch.equal(y, results[0])
+    torch.testing.assert_close(results[0], reference.int8_conv2d(x, wq, scale, bias, 0.02, 7, (1, 1), (pad, pad)),
+                               **TOL[torch.float32])
 
 
 def test_cifar10_shape_is_close_to_the_float_conv():

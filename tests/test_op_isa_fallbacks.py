@@ -1,5 +1,5 @@
 """The CPU kernels' fallback paths: the op tests again with DDPM_PERF_ISA capping the instruction
-set (AVX-512 without VNNI, AVX2, portable C++), each in a fresh process (the choice is made once)."""
+set (AVX-512 VNNI without AMX, AVX-512 without VNNI, AVX2, portable C++), each in a fresh process (the choice is made once)."""
 
 import os
 import subprocess
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(ops.extension_status() != "loaded", reason=f"ddp
 TESTS = Path(__file__).parent
 
 
-@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512-vnni", "avx512", "avx2", "scalar"])
 def test_op_tests_pass_on_the_fallback_path(isa):
     env = {**os.environ, "DDPM_PERF_ISA": isa}
     probe = subprocess.run([sys.executable, "-c", "import ddpm_perf.ops, torch; print(torch.ops.ddpm_perf.cpu_isa())"],

@@ -10,6 +10,9 @@
 // 4. The epilogue subtracts zero_point * colsum, scales by x_scale * w_scale[o], adds the bias and
 //    stores fp32 or bf16 channels_last. AVX2 (exact int16 vpmaddwd) and portable C++ paths cover
 //    CPUs without AVX-512 VNNI.
+// Where the CPU has AMX-INT8, stride-1 convs with channels in multiples of 64 and outputs in
+// multiples of 16 (all but the first, last and downsampling convs of the U-Net) take tile
+// matrix multiplies instead (conv_impl_amx, below), with the same packed weights and epilogue.
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
@@ -223,6 +226,123 @@ DDPM_AVX512 void epilogue_row_avx512(const int32_t* acc, int64_t o0, int64_t cou
   }
 }
 
+// ---- AMX-INT8: stride-1 convs whose channels are a multiple of 64 ----
+//
+// One TDPBUSD multiplies a tile of 16 pixels x 64 channels (uint8) by 64 channels x 16 outputs
+// (int8, the packed weight's layout already: 16 of its 64-byte rows) into 16 x 16 int32: 16K
+// multiply-adds, against 1K for a vpdpbusd. A tile's 16 rows must lie at one stride, so the
+// pixels are taken along the padded input's flattened rows: position p = oh * Wp + ow has its
+// top-left tap at p * Cp, and positions with ow >= OW (the padding columns) are computed and
+// dropped. Each block is 32 positions x 32 outputs: 2 A tiles, 2 B tiles, 4 accumulators.
+
+constexpr int64_t kAmxRows = 16, kAmxBlock = 2 * kAmxRows;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+DDPM_AMX_INT8 void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = kAmxRows;  // A: tmm0-1, B: tmm2-3, C: tmm4-7
+  // GCC 12's _tile_loadconfig does not tell the compiler it reads cfg, which then drops the
+  // stores above (palette 1 with no rows configured: the first tile instruction raises #UD).
+  asm volatile("" : : "r"(&cfg) : "memory");
+  _tile_loadconfig(&cfg);
+}
+
+// acc[32][32] = the block at `a` (32 positions, `a_stride` bytes apart) times NB output blocks.
+template <int NB>
+DDPM_AMX_INT8 void amx_block(const uint8_t* a, int64_t a_stride, const int64_t* tap_offset, int64_t taps,
+                             int64_t kblocks, const int8_t* w, int64_t block_stride, int32_t* acc) {
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t tap = 0; tap < taps; ++tap)
+    for (int64_t kb = 0; kb < kblocks; ++kb) {
+      const uint8_t* ap = a + tap_offset[tap] + kb * 64;
+      const int8_t* bp = w + (tap * kblocks + kb) * 1024;
+      _tile_loadd(0, ap, a_stride);
+      _tile_loadd(1, ap + kAmxRows * a_stride, a_stride);
+      _tile_loadd(2, bp, 64);
+      _tile_dpbusd(4, 0, 2);
+      _tile_dpbusd(6, 1, 2);
+      if constexpr (NB == 2) {
+        _tile_loadd(3, bp + block_stride, 64);
+        _tile_dpbusd(5, 0, 3);
+        _tile_dpbusd(7, 1, 3);
+      }
+    }
+  constexpr int64_t row = kAmxBlock * sizeof(int32_t);
+  _tile_stored(4, acc, row);
+  _tile_stored(6, acc + kAmxRows * kAmxBlock, row);
+  if constexpr (NB == 2) {
+    _tile_stored(5, acc + kAmxRows, row);
+    _tile_stored(7, acc + kAmxRows * kAmxBlock + kAmxRows, row);
+  }
+}
+
+DDPM_AMX_INT8 void amx_release() { _tile_release(); }
+
+template <typename T>
+void conv_impl_amx(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue& e, float inv_scale,
+                   int64_t KH, int64_t KW, int64_t PH, int64_t PW, Tensor& out) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Hp = H + 2 * PH, Wp = W + 2 * PW, OH = out.size(2), OW = out.size(3), taps = KH * KW;
+  const int64_t positions = (OH - 1) * Wp + OW;  // per image, up to the last kept one
+  const int64_t blocks = (positions + kAmxBlock - 1) / kAmxBlock, groups = (O / 16 + 1) / 2;
+  // The last block's dropped positions read up to this far past its image's padded rows.
+  const int64_t image = Hp * Wp * C, slack = (kAmxBlock + (KH - 1) * Wp + KW) * C;
+  const uint8_t zp8 = static_cast<uint8_t>(e.zp);
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+
+  // 1. quantise into zero-point-padded NHWC, one padded row per work item
+  Tensor padded = at::empty({N * image + slack}, x.options().dtype(at::kByte));
+  uint8_t* q = padded.data_ptr<uint8_t>();
+  std::memset(q + N * image, zp8, slack);
+  at::parallel_for(0, N * Hp, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = r / Hp, h = r % Hp - PH;
+      uint8_t* row = q + r * Wp * C;
+      if (h < 0 || h >= H) {
+        std::memset(row, zp8, Wp * C);
+        continue;
+      }
+      std::memset(row, zp8, PW * C);
+      std::memset(row + (W + PW) * C, zp8, PW * C);
+      quantize_row_avx512(xp + (n * H + h) * W * C, row + PW * C, W * C, inv_scale, e.zp);
+    }
+  });
+
+  // 2. blocks of 32 positions x 32 outputs, then the epilogue of the kept positions
+  std::vector<int64_t> tap_offset(taps);
+  for (int64_t kh = 0; kh < KH; ++kh)
+    for (int64_t kw = 0; kw < KW; ++kw) tap_offset[kh * KW + kw] = (kh * Wp + kw) * C;
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  const int64_t block_stride = taps * C * 16;
+  T* yp = reinterpret_cast<T*>(out.data_ptr());
+  at::parallel_for(0, N * blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) int32_t acc[kAmxBlock * kAmxBlock];
+    amx_configure();
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / (blocks * groups), block = item / groups % blocks, ob = item % groups * 2;
+      const int64_t p0 = block * kAmxBlock, o0 = ob * 16, count = std::min<int64_t>(32, O - o0);
+      const uint8_t* a = q + n * image + p0 * C;
+      if (count == 32)
+        amx_block<2>(a, C, tap_offset.data(), taps, C / 64, wp + ob * block_stride, block_stride, acc);
+      else
+        amx_block<1>(a, C, tap_offset.data(), taps, C / 64, wp + ob * block_stride, block_stride, acc);
+      for (int64_t i = 0; i < kAmxBlock && p0 + i < positions; ++i) {
+        const int64_t oh = (p0 + i) / Wp, ow = (p0 + i) % Wp;
+        if (ow < OW) epilogue_row_avx512(acc + i * kAmxBlock, o0, count, yp + ((n * OH + oh) * OW + ow) * O + o0, e);
+      }
+    }
+    amx_release();
+  });
+}
+
 // ---- op ----
 
 template <typename T>
@@ -401,7 +521,12 @@ Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& c
   TORCH_CHECK(b.numel() == O, "int8_conv2d: bias must be (", O, ",)");
   const Epilogue e{offset.data(), scale.data(), b.data_ptr<float>(), static_cast<int>(x_zero_point)};
   const float inv_scale = static_cast<float>(1.0 / x_scale);
-  if (x.scalar_type() == at::kFloat)
+  const bool amx = cpu_has_amx_int8() && stride[0] == 1 && stride[1] == 1 && x.size(1) % 64 == 0 && O % 16 == 0;
+  if (amx && x.scalar_type() == at::kFloat)
+    conv_impl_amx<float>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], padding[0], padding[1], out);
+  else if (amx)
+    conv_impl_amx<uint16_t>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], padding[0], padding[1], out);
+  else if (x.scalar_type() == at::kFloat)
     conv_impl<float>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0],
                      padding[1], out);
   else

@@ -6,6 +6,9 @@
 
 #include <immintrin.h>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -17,13 +20,13 @@
 
 namespace ddpm_perf::cpu {
 
-// DDPM_PERF_ISA=avx2|avx512|scalar caps what the kernels use (read once per process): to
-// test the fallbacks on a bigger CPU, or to rule a fast path out when hunting a bug.
+// DDPM_PERF_ISA=avx512-vnni|avx512|avx2|scalar caps what the kernels use (read once per
+// process): to test the fallbacks on a bigger CPU, or to rule a fast path out when hunting a bug.
 inline int isa_cap() {
   static const int cap = [] {
     const char* env = std::getenv("DDPM_PERF_ISA");
     const std::string v = env ? env : "";
-    return v == "scalar" ? 0 : v == "avx2" ? 1 : v == "avx512" ? 2 : 3;
+    return v == "scalar" ? 0 : v == "avx2" ? 1 : v == "avx512" ? 2 : v == "avx512-vnni" ? 3 : 4;
   }();
   return cap;
 }
@@ -38,6 +41,20 @@ inline bool cpu_has_avx512_vnni() {
 }
 inline bool cpu_has_avx2() {
   static const bool has = isa_cap() >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// AMX-INT8 (Intel Sapphire Rapids and later): tile registers of 16 rows x 64 bytes. Linux hands
+// them to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA), made once.
+#define DDPM_AMX_INT8 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,amx-tile,amx-int8")))
+inline bool cpu_has_amx_int8() {
+  static const bool has = [] {
+    if (isa_cap() < 4 || !cpu_has_avx512_vnni() || !__builtin_cpu_supports("amx-tile") ||
+        !__builtin_cpu_supports("amx-int8"))
+      return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
   return has;
 }
 
@@ -104,6 +121,7 @@ DDPM_AVX512 inline __m512 loadu16(const uint16_t* p) {
 }
 
 inline std::string isa_name() {
+  if (cpu_has_amx_int8()) return "amx-int8";
   if (cpu_has_avx512_vnni()) return "avx512-vnni";
   if (cpu_has_avx512()) return "avx512";
   if (cpu_has_avx2()) return "avx2";
