@@ -460,7 +460,10 @@ def info() -> None:
                f"mkldnn: {torch.backends.mkldnn.is_available()}")
     flags = _cpu_flags()
     if flags is not None:
-        wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile"]
+        # amx_bf16: oneDNN's bf16 convolutions (amp) run ~4.6x fp32 with it, ~2x without;
+        # amx_int8: int8_conv2d's tile path (docs/performance.md, "Two kinds of machine")
+        wanted = ["avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16",
+                  "amx_int8"]
         click.echo("cpu features: " + " ".join(f"{f}{'+' if f in flags else '-'}" for f in wanted))
     from . import ops
 
