@@ -230,7 +230,7 @@ DDPM_AVX512 void epilogue_row_avx512(const int32_t* acc, int64_t o0, int64_t cou
 //
 // One TDPBUSD multiplies a tile of 16 pixels x 64 channels (uint8) by 64 channels x 16 outputs
 // (int8, the packed weight's layout already: 16 of its 64-byte rows) into 16 x 16 int32: 16K
-// multiply-adds, against 1K for a vpdpbusd. A tile's 16 rows must lie at one stride, so the
+// multiply-adds, against 64 for a vpdpbusd. A tile's 16 rows must lie at one stride, so the
 // pixels are taken along the padded input's flattened rows: position p = oh * Wp + ow has its
 // top-left tap at p * Cp, and positions with ow >= OW (the padding columns) are computed and
 // dropped. Each block is 32 positions x 32 outputs: 2 A tiles, 2 B tiles, 4 accumulators.
