@@ -229,7 +229,8 @@ def machine_differences(current: dict, baseline: dict | None) -> list[str]:
         return []
     a, b = current.get("machine_info", {}), baseline.get("machine_info", {})
     notes = []
-    for key in ("cpu.brand_raw", "torch", "torch_threads", "cpu_capability", "ddpm_perf_bench_smoke"):
+    # The wait policy too: on the Xeon, PASSIVE adds 12-33% to a sampling step (docs/performance.md).
+    for key in ("cpu.brand_raw", "torch", "torch_threads", "cpu_capability", "omp_wait_policy", "ddpm_perf_bench_smoke"):
         head, _, sub = key.partition(".")
         va = (a.get(head) or {}).get(sub) if sub else a.get(head)
         vb = (b.get(head) or {}).get(sub) if sub else b.get(head)

@@ -98,3 +98,21 @@ def test_the_report_shows_quality_against_the_fewer_steps_frontier(tmp_path):
     nightly_mod.plot_quality_vs_speed(configs, tmp_path / "q.png", smoke=True)
     assert (tmp_path / "q.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert nightly_mod.frontier_sweep({"benchmarks": [{"extra_info": {}}]}) == []
+
+
+def test_a_baseline_from_another_cpu_or_wait_policy_is_flagged():
+    """The project's machines differ (an AMD EPYC, an Intel Xeon with AMX), and so does a run under
+    another OpenMP wait policy: the report says so beside any comparison."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nightly", NIGHTLY)
+    nightly_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(nightly_mod)
+    info = {"cpu": {"brand_raw": "AMD EPYC"}, "torch": "2.13.0", "omp_wait_policy": "PASSIVE"}
+    same = nightly_mod.machine_differences({"machine_info": info}, {"machine_info": info})
+    other = nightly_mod.machine_differences(
+        {"machine_info": {**info, "cpu": {"brand_raw": "Intel(R) Xeon(R) Processor"}, "omp_wait_policy": "ACTIVE"}},
+        {"machine_info": info})
+    assert same == []
+    assert other == ["cpu.brand_raw: 'AMD EPYC' in the baseline, 'Intel(R) Xeon(R) Processor' now",
+                     "omp_wait_policy: 'PASSIVE' in the baseline, 'ACTIVE' now"]
