@@ -226,6 +226,52 @@ DDPM_AVX512 void epilogue_row_avx512(const int32_t* acc, int64_t o0, int64_t cou
   }
 }
 
+// ---- the quantised input: zero-point-padded NHWC uint8, laid out [image][Hp][Wp][Cp] ----
+
+template <typename T>
+struct PaddedInput {
+  const T* x;  // (N, H, W, C) channels_last
+  int64_t C, Cp, H, W, PH, PW;
+  float inv_scale;
+  int zp;
+  bool simd;
+
+  int64_t Hp() const { return H + 2 * PH; }
+  int64_t Wp() const { return W + 2 * PW; }
+
+  // `pixels` consecutive pixels of x into dst, Cp bytes each: one run when no channel is padded.
+  void pixels(const T* src, uint8_t* dst, int64_t pixels) const {
+    if (Cp == C) return quantize(src, dst, pixels * C);
+    for (int64_t p = 0; p < pixels; ++p) {
+      quantize(src + p * C, dst + p * Cp, C);
+      std::memset(dst + p * Cp + C, zp, Cp - C);  // the padded channels meet zero weights, but
+    }                                             // results never depend on uninitialised memory
+  }
+
+  // Padded rows [hp0, hp1] of image n into q, a buffer holding images n0, n0 + 1, ...
+  void rows(uint8_t* q, int64_t n0, int64_t n, int64_t hp0, int64_t hp1) const {
+    for (int64_t hp = hp0; hp <= hp1; ++hp) {
+      const int64_t h = hp - PH;
+      uint8_t* row = q + ((n - n0) * Hp() + hp) * Wp() * Cp;
+      if (h < 0 || h >= H) {
+        std::memset(row, zp, Wp() * Cp);
+        continue;
+      }
+      std::memset(row, zp, PW * Cp);
+      std::memset(row + (W + PW) * Cp, zp, PW * Cp);
+      pixels(x + (n * H + h) * W * C, row + PW * Cp, W);
+    }
+  }
+
+ private:
+  void quantize(const T* src, uint8_t* dst, int64_t count) const {
+    if (simd)
+      quantize_row_avx512(src, dst, count, inv_scale, zp);
+    else
+      quantize_row_scalar(src, dst, count, inv_scale, zp);
+  }
+};
+
 // ---- AMX-INT8: stride-1 convs whose channels are a multiple of 64 ----
 //
 // One TDPBUSD multiplies a tile of 16 pixels x 64 channels (uint8) by 64 channels x 16 outputs
@@ -296,7 +342,7 @@ void conv_impl_amx(const Tensor& x, const Tensor& packed, int64_t O, const Epilo
   // The last block's dropped positions read up to this far past its image's padded rows.
   const int64_t image = Hp * Wp * C, slack = (kAmxBlock + (KH - 1) * Wp + KW) * C;
   const uint8_t zp8 = static_cast<uint8_t>(e.zp);
-  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  const PaddedInput<T> in{reinterpret_cast<const T*>(x.data_ptr()), C, C, H, W, PH, PW, inv_scale, e.zp, true};
   std::vector<int64_t> tap_offset(taps);
   for (int64_t kh = 0; kh < KH; ++kh)
     for (int64_t kw = 0; kw < KW; ++kw) tap_offset[kh * KW + kw] = (kh * Wp + kw) * C;
@@ -319,17 +365,7 @@ void conv_impl_amx(const Tensor& x, const Tensor& packed, int64_t O, const Epilo
       const int64_t b0 = n == n0 ? first % blocks : 0, b1 = n == n1 ? last % blocks : blocks - 1;
       const int64_t r0 = b0 * kAmxBlock / Wp;
       const int64_t r1 = std::min(Hp - 1, ((b1 + 1) * kAmxBlock - 1 + (KH - 1) * Wp + KW - 1) / Wp);
-      for (int64_t r = r0; r <= r1; ++r) {
-        const int64_t h = r - PH;
-        uint8_t* row = q + ((n - n0) * Hp + r) * Wp * C;
-        if (h < 0 || h >= H) {
-          std::memset(row, zp8, Wp * C);
-          continue;
-        }
-        std::memset(row, zp8, PW * C);
-        std::memset(row + (W + PW) * C, zp8, PW * C);
-        quantize_row_avx512(xp + (n * H + h) * W * C, row + PW * C, W * C, inv_scale, e.zp);
-      }
+      in.rows(q, n0, n, r0, r1);
     }
     alignas(64) int32_t acc[kAmxBlock * kAmxBlock];
     amx_configure();
@@ -360,22 +396,8 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   const int64_t OH = out.size(2), OW = out.size(3), M = N * OH * OW, taps = KH * KW, Ob = (O + 15) / 16;
   const bool vnni = cpu_has_avx512_vnni(), avx2 = cpu_has_avx2(), simd = cpu_has_avx512();
 
-  const uint8_t zp8 = static_cast<uint8_t>(e.zp);
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-  auto quantize = [&](const T* src, uint8_t* dst, int64_t count) {
-    if (simd)
-      quantize_row_avx512(src, dst, count, inv_scale, e.zp);
-    else
-      quantize_row_scalar(src, dst, count, inv_scale, e.zp);
-  };
-  // `pixels` consecutive pixels of x into dst, Cp bytes each: one run when no channel is padded.
-  auto quantize_pixels = [&](const T* src, uint8_t* dst, int64_t pixels) {
-    if (Cp == C) return quantize(src, dst, pixels * C);
-    for (int64_t p = 0; p < pixels; ++p) {
-      quantize(src + p * C, dst + p * Cp, C);
-      std::memset(dst + p * Cp + C, zp8, Cp - C);  // the padded channels meet zero weights, but
-    }                                              // results never depend on uninitialised memory
-  };
+  const PaddedInput<T> in{xp, C, Cp, H, W, PH, PW, inv_scale, e.zp, simd};
 
   // 1. quantise into a zero-point-padded NHWC buffer, inside the same parallel region as the GEMM:
   // each thread quantises the input rows its own output pixels need (a few rows twice where two
@@ -384,20 +406,6 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   // A pointwise conv (1x1, stride 1, no padding) quantises per chunk of pixels instead (below),
   // which also saves writing and re-reading a uint8 copy of these memory-bound convs' input.
   const bool pointwise = KH == 1 && KW == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
-  // Padded rows [hp0, hp1] of image n into q, a buffer laid out as [n - n0][Hp][Wp][Cp].
-  auto quantize_rows = [&](uint8_t* q, int64_t n0, int64_t n, int64_t hp0, int64_t hp1) {
-    for (int64_t hp = hp0; hp <= hp1; ++hp) {
-      const int64_t h = hp - PH;
-      uint8_t* row = q + ((n - n0) * Hp + hp) * Wp * Cp;
-      if (h < 0 || h >= H) {
-        std::memset(row, zp8, Wp * Cp);
-        continue;
-      }
-      std::memset(row, zp8, PW * Cp);
-      std::memset(row + (W + PW) * Cp, zp8, PW * Cp);
-      quantize_pixels(xp + (n * H + h) * W * C, row + PW * Cp, W);
-    }
-  };
 
   // 2-4. tiles of kMR output pixels x up to kNB output blocks
   std::vector<int64_t> tap_offset(taps);
@@ -427,14 +435,14 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
     if (!pointwise)
       for (int64_t n = n0; n <= r1 / OH; ++n) {
         const int64_t oh0 = n == n0 ? r0 % OH : 0, oh1 = n == r1 / OH ? r1 % OH : OH - 1;
-        quantize_rows(q, n0, n, oh0 * SH, oh1 * SH + KH - 1);
+        in.rows(q, n0, n, oh0 * SH, oh1 * SH + KH - 1);
       }
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item / groups, ob = item % groups * kNB;
       const int64_t tile_end = std::min(tiles, (chunk + 1) * chunk_tiles);
       const int64_t first_pixel = chunk * chunk_tiles * kMR;
       if (pointwise && chunk != local_chunk) {
-        quantize_pixels(xp + first_pixel * C, local.data(), std::min(M, tile_end * kMR) - first_pixel);
+        in.pixels(xp + first_pixel * C, local.data(), std::min(M, tile_end * kMR) - first_pixel);
         local_chunk = chunk;
       }
       const int nb = static_cast<int>(std::min<int64_t>(kNB, Ob - ob));
