@@ -1,7 +1,9 @@
-// The SiLU of group_norm_silu's AVX-512 paths (csrc/cpu/silu.h: z / (1 + 2^t), one division)
-// against the sequence it replaced (rcp14, and for fp32 outputs one Newton step, then a
-// multiply), on 4096 L1-resident values, one thread: nanoseconds per 16 values, best of 7 runs,
-// and the largest relative error against fp64 over z in [-7, 7]. Prints one line:
+// The two ways to finish the SiLU of group_norm_silu's AVX-512 paths (csrc/cpu/silu.h,
+// z / (1 + 2^t)): one division, or rcp14 (and for fp32 outputs one Newton step) then a multiply.
+// The kernel divides for fp32 outputs and takes rcp14 for bf16 outputs; those two are timed in
+// the kernel's own code (silu16_fast), the other two are built here. On 4096 L1-resident values,
+// one thread: nanoseconds per 16 values, best of 7 runs, and the largest relative error of the
+// fp32 sequences against fp64 over z in [-7, 7]. Prints one line:
 //   fp32_division fp32_reciprocal bf16_division bf16_reciprocal error_division error_reciprocal
 // Built and run by benchmarks/test_kernels.py::test_silu_sequences, e.g.
 //   g++ -O2 -I csrc/cpu benchmarks/silu_sequences.cpp && ./a.out 20000
@@ -26,9 +28,17 @@ DDPM_AVX512 inline __m512 silu16_reciprocal(__m512 z) {
   return _mm512_maskz_mul_ps(keep, z, r);
 }
 
+template <bool Precise>
+DDPM_AVX512 inline __m512 silu16_division(__m512 z) {
+  const __m512 zc = _mm512_range_ps(z, _mm512_set1_ps(80.f), 0b0110);
+  const __mmask16 keep = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-80.f), _CMP_NLT_UQ);
+  return _mm512_maskz_div_ps(keep, z, one_plus_exp_neg<Precise>(zc));
+}
+
 template <bool Precise, bool Division>
 DDPM_AVX512 __m512 silu16(__m512 z) {
-  if constexpr (Division) return silu16_fast<Precise>(z);
+  if constexpr (Division == Precise) return silu16_fast<Precise>(z);  // the kernel's choice
+  if constexpr (Division) return silu16_division<Precise>(z);
   return silu16_reciprocal<Precise>(z);
 }
 

@@ -376,10 +376,11 @@ def test_group_norm_silu_compile(benchmark, bench, timing, large_copy, shape, dt
 
 
 def test_silu_sequences(benchmark, bench, tmp_path):
-    """The AVX-512 SiLU that group_norm_silu runs (csrc/cpu/silu.h, one division) against the
-    reciprocal sequence it replaced (rcp14, plus a Newton step for fp32 outputs), alone on
-    L1-resident values, one thread (benchmarks/silu_sequences.cpp). Records ns per 16 values,
-    the speedups and the largest relative error of each fp32 sequence against fp64."""
+    """The two ways to finish the AVX-512 SiLU of group_norm_silu (csrc/cpu/silu.h): one
+    division, or rcp14 (plus a Newton step for fp32 outputs). The kernel divides for fp32 outputs
+    and takes rcp14 for bf16 outputs. Alone on L1-resident values, one thread
+    (benchmarks/silu_sequences.cpp). Records ns per 16 values, the division's speedups (below 1:
+    rcp14 is faster) and the largest relative error of each fp32 sequence against fp64."""
     root = Path(__file__).resolve().parent
     exe = build_cpp(root / "silu_sequences.cpp", tmp_path / "silu_sequences", "avx512dq",
                     "-I", str(root.parent / "csrc" / "cpu"))
