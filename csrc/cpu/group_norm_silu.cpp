@@ -2,7 +2,8 @@
 //
 // Forward: per (sample, group) for NCHW, per (sample, block of groups) for channels_last, in
 // parallel with at::parallel_for. Statistics are fp32 lane sums of (x - pivot), combined in fp64
-// (the pivot, an element of the same channel, keeps E[x^2] - E[x]^2 from cancelling). Each task
+// (the pivot, an element of the same group (NCHW) or channel (channels_last), keeps E[x^2] -
+// E[x]^2 from cancelling). Each task
 // reads its slice twice (statistics, then output), the second time from cache. AVX-512 where the
 // CPU has it (checked at run time), with AVX512_BF16 conversions for bf16 output where it has
 // those, portable C++ otherwise.
@@ -55,49 +56,79 @@ void combine(const double* s1, const double* s2, const float* pivot, int64_t cha
 
 // ---- statistics ----
 
-// NCHW, one (sample, group) slice of cpg channels of hw contiguous elements: per-channel sums of
-// v = x + shift - pivot[c], the pivot being the channel's first x + shift.
+// NCHW, one (sample, group) slice of cpg channels of hw contiguous elements, summed as one run:
+// sums of v = x + shift[c] - pivot, the pivot being the slice's first x + shift. One reduction per
+// group: per-channel reductions cost more than the channel's own sums at small hw.
 template <typename T>
 void nchw_sums_scalar(const T* x, int64_t cpg, int64_t hw, Affine a, double* s1, double* s2, float* pivot) {
+  *pivot = to_float(x[0]) + a.s(0);
+  *s1 = *s2 = 0;
   for (int64_t c = 0; c < cpg; ++c) {
     const T* xc = x + c * hw;
-    pivot[c] = to_float(xc[0]) + a.s(c);
-    s1[c] = s2[c] = 0;
+    const float off = a.s(c) - *pivot;
     for (int64_t i0 = 0; i0 < hw; i0 += 256) {  // fp32 partial sums of 256 elements, fp64 totals
       float acc1 = 0, acc2 = 0;
       for (int64_t i = i0; i < std::min(hw, i0 + 256); ++i) {
-        const float v = to_float(xc[i]) + a.s(c) - pivot[c];
+        const float v = to_float(xc[i]) + off;
         acc1 += v;
         acc2 += v * v;
       }
-      s1[c] += acc1, s2[c] += acc2;
+      *s1 += acc1, *s2 += acc2;
     }
   }
 }
 
+struct LaneSums {  // fp64 lane totals of two fp32 accumulators
+  __m512d a_lo, a_hi, b_lo, b_hi;
+};
+
+DDPM_AVX512 inline void flush_sums(LaneSums& s, __m512 a, __m512 b) {
+  s.a_lo = _mm512_add_pd(s.a_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(a)));
+  s.a_hi = _mm512_add_pd(s.a_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))));
+  s.b_lo = _mm512_add_pd(s.b_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(b)));
+  s.b_hi = _mm512_add_pd(s.b_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1))));
+}
+
+// Sums of v = x + off and v^2 over n contiguous elements into fp32 lanes, flushed to fp64 every
+// 256 vectors of a run.
 template <typename T>
-DDPM_AVX512 void nchw_sums_avx512(const T* x, int64_t cpg, int64_t hw, Affine a, double* s1, double* s2,
-                                  float* pivot) {
-  for (int64_t c = 0; c < cpg; ++c) {
-    const T* xc = x + c * hw;
-    pivot[c] = to_float(xc[0]) + a.s(c);
-    const __m512 off = _mm512_set1_ps(a.s(c) - pivot[c]);
-    __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), b1 = a1, b2 = a1;
-    int64_t i = 0;
-    for (; i + 32 <= hw; i += 32) {  // two independent chains hide the add latency
-      const __m512 u = _mm512_add_ps(loadu16(xc + i), off);
-      const __m512 v = _mm512_add_ps(loadu16(xc + i + 16), off);
+DDPM_AVX512 inline void sums_run_avx512(const T* x, int64_t n, __m512 off, LaneSums& total) {
+  __m512 a1 = _mm512_setzero_ps(), a2 = a1, b1 = a1, b2 = a1;
+  int64_t i = 0;
+  while (i + 32 <= n) {
+    const int64_t stop = std::min(n & ~int64_t(31), i + 256 * 16);
+    for (; i < stop; i += 32) {  // two independent chains hide the add latency
+      const __m512 u = _mm512_add_ps(loadu16(x + i), off);
+      const __m512 v = _mm512_add_ps(loadu16(x + i + 16), off);
       a1 = _mm512_add_ps(a1, u), a2 = _mm512_fmadd_ps(u, u, a2);
       b1 = _mm512_add_ps(b1, v), b2 = _mm512_fmadd_ps(v, v, b2);
     }
-    for (; i < hw; i += 16) {
-      const __mmask16 m = tail_mask(hw - i);
-      const __m512 u = _mm512_maskz_add_ps(m, load16(xc + i, m), off);
-      a1 = _mm512_add_ps(a1, u), a2 = _mm512_fmadd_ps(u, u, a2);
-    }
-    s1[c] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
-    s2[c] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2));
+    flush_sums(total, _mm512_add_ps(a1, b1), _mm512_add_ps(a2, b2));
+    a1 = a2 = b1 = b2 = _mm512_setzero_ps();
   }
+  for (; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 u = _mm512_maskz_add_ps(m, load16(x + i, m), off);
+    a1 = _mm512_add_ps(a1, u), a2 = _mm512_fmadd_ps(u, u, a2);
+  }
+  flush_sums(total, a1, a2);
+}
+
+DDPM_AVX512 inline double lane_total(__m512d lo, __m512d hi) { return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi)); }
+
+template <typename T>
+DDPM_AVX512 void nchw_sums_avx512(const T* x, int64_t cpg, int64_t hw, Affine a, double* s1, double* s2,
+                                  float* pivot) {
+  *pivot = to_float(x[0]) + a.s(0);
+  const __m512d zd = _mm512_setzero_pd();
+  LaneSums total{zd, zd, zd, zd};
+  if (!a.shift) {  // the slice is one run
+    sums_run_avx512(x, cpg * hw, _mm512_set1_ps(-*pivot), total);
+  } else {
+    for (int64_t c = 0; c < cpg; ++c) sums_run_avx512(x + c * hw, hw, _mm512_set1_ps(a.s(c) - *pivot), total);
+  }
+  *s1 = lane_total(total.a_lo, total.a_hi);
+  *s2 = lane_total(total.b_lo, total.b_hi);
 }
 
 // channels_last, a block of cb channels of one sample (x: its first channel at pixel 0, pixel
@@ -164,16 +195,18 @@ DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t c
 // ---- output: y = act((x + center) * scale + offset) ----
 // (x - mean) * scale + b rather than x * scale + (b - mean * scale): the latter loses digits when
 // the variance is tiny and rstd large.
-//   row_out: len contiguous elements of one channel (NCHW), scalar parameters;
+//   rows_out: rows of len contiguous elements, one channel each (NCHW), per-row parameters;
 //   pixels_out: HW pixels of a block of cb channels (channels_last, pixel stride C), per-channel
 //   parameters.
 
 template <typename T, bool Act>
-void row_out_scalar(const T* x, T* y, int64_t len, float center, float scale, float offset) {
-  for (int64_t i = 0; i < len; ++i) {
-    const float z = (to_float(x[i]) + center) * scale + offset;
-    store_float(y + i, Act ? silu(z) : z);
-  }
+void rows_out_scalar(const T* x, T* y, int64_t rows, int64_t len, const float* center, const float* scale,
+                     const float* offset) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = r * len; i < (r + 1) * len; ++i) {
+      const float z = (to_float(x[i]) + center[r]) * scale[r] + offset[r];
+      store_float(y + i, Act ? silu(z) : z);
+    }
 }
 
 template <typename T, bool Act>
@@ -200,21 +233,24 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
 // target includes avx512bf16.
 #define GN_OUTPUT_KERNELS(TARGET, SUFFIX, OUT16, OUT32)                                                        \
   template <typename T, bool Act>                                                                              \
-  TARGET void row_out_##SUFFIX(const T* x, T* y, int64_t len, float center, float scale, float offset) {       \
+  TARGET void rows_out_##SUFFIX(const T* x, T* y, int64_t rows, int64_t len, const float* center,               \
+                                const float* scale, const float* offset) {                                     \
     constexpr bool precise = std::is_same_v<T, float>;                                                         \
-    const __m512 vc = _mm512_set1_ps(center), vs = _mm512_set1_ps(scale), vo = _mm512_set1_ps(offset);         \
-    int64_t i = 0;                                                                                             \
-    for (; i + 32 <= len; i += 32) {                                                                           \
-      __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + i), vc), vs, vo);                                  \
-      __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + i + 16), vc), vs, vo);                             \
-      if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                        \
-      OUT32(y + i, z0, z1);                                                                                    \
-    }                                                                                                          \
-    for (; i < len; i += 16) {                                                                                 \
-      const __mmask16 m = tail_mask(len - i);                                                                  \
-      __m512 z = _mm512_fmadd_ps(_mm512_add_ps(load16(x + i, m), vc), vs, vo);                                 \
-      if constexpr (Act) z = silu16_fast<precise>(z);                                                          \
-      OUT16(y + i, z, m);                                                                                      \
+    for (int64_t r = 0; r < rows; ++r, x += len, y += len) {                                                   \
+      const __m512 vc = _mm512_set1_ps(center[r]), vs = _mm512_set1_ps(scale[r]), vo = _mm512_set1_ps(offset[r]); \
+      int64_t i = 0;                                                                                           \
+      for (; i + 32 <= len; i += 32) {                                                                         \
+        __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + i), vc), vs, vo);                                \
+        __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + i + 16), vc), vs, vo);                           \
+        if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                      \
+        OUT32(y + i, z0, z1);                                                                                  \
+      }                                                                                                        \
+      for (; i < len; i += 16) {                                                                               \
+        const __mmask16 m = tail_mask(len - i);                                                                \
+        __m512 z = _mm512_fmadd_ps(_mm512_add_ps(load16(x + i, m), vc), vs, vo);                               \
+        if constexpr (Act) z = silu16_fast<precise>(z);                                                        \
+        OUT16(y + i, z, m);                                                                                    \
+      }                                                                                                        \
     }                                                                                                          \
   }                                                                                                            \
   template <typename T, bool Act>                                                                              \
@@ -248,18 +284,18 @@ GN_OUTPUT_KERNELS(DDPM_AVX512_BF16, avx512bf16, out16_bf16, out32_bf16)
 #undef GN_OUTPUT_KERNELS
 
 template <typename T>
-using RowOut = void (*)(const T*, T*, int64_t, float, float, float);
+using RowsOut = void (*)(const T*, T*, int64_t, int64_t, const float*, const float*, const float*);
 template <typename T>
 using PixelsOut = void (*)(const T*, T*, int64_t, int64_t, int64_t, const float*, const float*, const float*);
 
 enum class Isa { kScalar, kAvx512, kAvx512Bf16 };
 
 template <typename T, bool Act>
-std::pair<RowOut<T>, PixelsOut<T>> output_kernels(Isa isa) {
+std::pair<RowsOut<T>, PixelsOut<T>> output_kernels(Isa isa) {
   if constexpr (std::is_same_v<T, uint16_t>)
-    if (isa == Isa::kAvx512Bf16) return {row_out_avx512bf16<T, Act>, pixels_out_avx512bf16<T, Act>};
-  if (isa != Isa::kScalar) return {row_out_avx512<T, Act>, pixels_out_avx512<T, Act>};
-  return {row_out_scalar<T, Act>, pixels_out_scalar<T, Act>};
+    if (isa == Isa::kAvx512Bf16) return {rows_out_avx512bf16<T, Act>, pixels_out_avx512bf16<T, Act>};
+  if (isa != Isa::kScalar) return {rows_out_avx512<T, Act>, pixels_out_avx512<T, Act>};
+  return {rows_out_scalar<T, Act>, pixels_out_scalar<T, Act>};
 }
 
 // ---- op ----
@@ -301,25 +337,34 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
   const Isa isa = cpu_has_avx512_bf16() ? Isa::kAvx512Bf16 : cpu_has_avx512() ? Isa::kAvx512 : Isa::kScalar;
   const bool simd = isa != Isa::kScalar;
-  const auto [row_out, pixels_out] = act ? output_kernels<T, true>(isa) : output_kernels<T, false>(isa);
+  const auto [rows_out, pixels_out] = act ? output_kernels<T, true>(isa) : output_kernels<T, false>(isa);
 
   if (!is_channels_last(x)) {
     // One task per (sample, group): its cpg * HW contiguous elements are read for the statistics,
     // then again (from L1/L2) for the output.
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> sums(2 * cpg);
-      std::vector<float> pivot(cpg);
-      double *s1 = sums.data(), *s2 = s1 + cpg;
+      // Parameters per channel, or below 16 elements a row per element: the slice's output then
+      // runs as one row instead of one masked vector per channel.
+      const int64_t len = cpg * HW, count = HW < 16 ? len : cpg, per = HW < 16 ? HW : 1;
+      std::vector<float> params(3 * count);
+      float *center = params.data(), *scale = center + count, *offset = scale + count;
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / G, c0 = (i % G) * cpg, off = (n * C + c0) * HW;
         const Affine a{wp ? wp + c0 : nullptr, bp ? bp + c0 : nullptr, sp ? sp + n * C + c0 : nullptr};
+        double s1, s2;
+        float pivot;
         if (simd)
-          nchw_sums_avx512(xp + off, cpg, HW, a, s1, s2, pivot.data());
+          nchw_sums_avx512(xp + off, cpg, HW, a, &s1, &s2, &pivot);
         else
-          nchw_sums_scalar(xp + off, cpg, HW, a, s1, s2, pivot.data());
-        combine(s1, s2, pivot.data(), cpg, HW, eps, mean + i, rstd + i);
-        for (int64_t c = 0; c < cpg; ++c)
-          row_out(xp + off + c * HW, yp + off + c * HW, HW, a.s(c) - mean[i], rstd[i] * a.w(c), a.b(c));
+          nchw_sums_scalar(xp + off, cpg, HW, a, &s1, &s2, &pivot);
+        combine(&s1, &s2, &pivot, 1, len, eps, mean + i, rstd + i);
+        for (int64_t c = 0, k = 0; c < cpg; ++c)
+          for (int64_t j = 0; j < per; ++j, ++k)
+            center[k] = a.s(c) - mean[i], scale[k] = rstd[i] * a.w(c), offset[k] = a.b(c);
+        if (HW < 16)
+          pixels_out(xp + off, yp + off, len, 1, len, center, scale, offset);
+        else
+          rows_out(xp + off, yp + off, cpg, HW, center, scale, offset);
       }
     });
     return;
