@@ -346,6 +346,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
       // Parameters per channel, or below 16 elements a row per element: the slice's output then
       // runs as one row instead of one masked vector per channel.
       const int64_t len = cpg * HW, count = HW < 16 ? len : cpg, per = HW < 16 ? HW : 1;
+      const double inv_len = 1.0 / double(len);
       std::vector<float> params(3 * count);
       float *center = params.data(), *scale = center + count, *offset = scale + count;
       for (int64_t i = begin; i < end; ++i) {
@@ -357,7 +358,10 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
           nchw_sums_avx512(xp + off, cpg, HW, a, &s1, &s2, &pivot);
         else
           nchw_sums_scalar(xp + off, cpg, HW, a, &s1, &s2, &pivot);
-        combine(&s1, &s2, &pivot, 1, len, eps, mean + i, rstd + i);
+        // combine() for one pivot: var = E[v^2] - E[v]^2 of v = x + shift - pivot, in fp64
+        const double m = s1 * inv_len;
+        mean[i] = float(pivot + m);
+        rstd[i] = float(1.0 / std::sqrt(std::max(s2 * inv_len - m * m, 0.0) + eps));
         for (int64_t c = 0, k = 0; c < cpg; ++c)
           for (int64_t j = 0; j < per; ++j, ++k)
             center[k] = a.s(c) - mean[i], scale[k] = rstd[i] * a.w(c), offset[k] = a.b(c);
