@@ -78,7 +78,7 @@ void nchw_sums_scalar(const T* x, int64_t cpg, int64_t hw, Affine a, double* s1,
   }
 }
 
-struct LaneSums {  // fp64 lane totals of two fp32 accumulators
+struct LaneSums {  // fp64 lane totals of two fp32 accumulators (forward statistics, backward sums)
   __m512d a_lo, a_hi, b_lo, b_hi;
 };
 
@@ -506,22 +506,11 @@ void backward_scalar(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
 // The backward's sigmoid is the precise one of the forward (relative error ~2e-7), for bf16 too:
 // dw and db are fp32 sums, and the cheaper degree-3 version saved only ~10% of the bf16 backward.
 
-struct BwdSums {  // fp64 lane totals of dz and dz * xhat
-  __m512d dz_lo, dz_hi, dzx_lo, dzx_hi;
-};
-
-DDPM_AVX512 inline void bwd_flush(BwdSums& s, __m512 a1, __m512 a2) {
-  s.dz_lo = _mm512_add_pd(s.dz_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(a1)));
-  s.dz_hi = _mm512_add_pd(s.dz_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a1), 1))));
-  s.dzx_lo = _mm512_add_pd(s.dzx_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(a2)));
-  s.dzx_hi = _mm512_add_pd(s.dzx_hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a2), 1))));
-}
-
 // NCHW pass 1 over `count` vectors `step` elements apart (lanes outside `m` are zero). xhat = (x + center) * rs,
 // z = xhat * w + b, dz = dy * silu'(z) (or dy without the activation), stored to dz_out[16 k].
 template <typename T, bool Act>
 DDPM_AVX512 void bwd_pass1_avx512(const T* x, const T* dy, int64_t step, int64_t count, __mmask16 m, __m512 center,
-                                  __m512 rs, __m512 w, __m512 b, float* dz_out, BwdSums& s) {
+                                  __m512 rs, __m512 w, __m512 b, float* dz_out, LaneSums& s) {
   constexpr int64_t kFlush = 256;
   const __m512 one = _mm512_set1_ps(1.f), lim = _mm512_set1_ps(80.f);
   for (int64_t k0 = 0; k0 < count; k0 += kFlush) {
@@ -541,7 +530,7 @@ DDPM_AVX512 void bwd_pass1_avx512(const T* x, const T* dy, int64_t step, int64_t
       a1 = _mm512_add_ps(a1, dz);
       a2 = _mm512_fmadd_ps(dz, xhat, a2);
     }
-    bwd_flush(s, a1, a2);
+    flush_sums(s, a1, a2);  // a: dz, b: dz * xhat
   }
 }
 
@@ -556,8 +545,6 @@ DDPM_AVX512 void bwd_pass2_avx512(const T* x, const D* dz, int64_t dz_step, T* d
     store16(dx + k * step, _mm512_fmadd_ps(a, g, _mm512_fmadd_ps(xhat, d, e)), m);
   }
 }
-
-DDPM_AVX512 inline double bwd_total(__m512d lo, __m512d hi) { return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi)); }
 
 struct BwdArgs {
   int64_t N, C, HW, G, cpg;
@@ -579,13 +566,13 @@ DDPM_AVX512 void bwd_task_nchw(const BwdArgs& A, const T* xp, const T* dyp, T* d
     const int64_t c = c0 + j, o = off + j * HW;
     const float wc = A.w ? A.w[c] : 1.f, bc = A.b ? A.b[c] : 0.f, sh = A.s ? A.s[n * C + c] : 0.f;
     const __m512 center = _mm512_set1_ps(sh - mu), vw = _mm512_set1_ps(wc), vb = _mm512_set1_ps(bc);
-    BwdSums acc{zd, zd, zd, zd};
+    LaneSums acc{zd, zd, zd, zd};
     float* scr = Act ? scratch + j * HW : nullptr;
     bwd_pass1_avx512<T, Act>(xp + o, dyp + o, 16, full, all, center, rs, vw, vb, scr, acc);
     if (rest)
       bwd_pass1_avx512<T, Act>(xp + o + 16 * full, dyp + o + 16 * full, 16, 1, mrest, center, rs, vw, vb,
                                         Act ? scr + 16 * full : nullptr, acc);
-    const double sdz = bwd_total(acc.dz_lo, acc.dz_hi), sdzx = bwd_total(acc.dzx_lo, acc.dzx_hi);
+    const double sdz = lane_total(acc.a_lo, acc.a_hi), sdzx = lane_total(acc.b_lo, acc.b_hi);
     A.db_part[n * C + c] = sdz, A.dw_part[n * C + c] = sdzx;
     m1 += wc * sdz, m2 += wc * sdzx;
   }
