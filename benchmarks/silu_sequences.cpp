@@ -1,7 +1,7 @@
 // The two ways to finish the SiLU of group_norm_silu's AVX-512 paths (csrc/cpu/silu.h,
 // z / (1 + 2^t)): one division, or rcp14 (and for fp32 outputs one Newton step) then a multiply.
-// The kernel divides for fp32 outputs and takes rcp14 for bf16 outputs; those two are timed in
-// the kernel's own code (silu16_fast), the other two are built here. On 4096 L1-resident values,
+// The kernel divides for fp32 outputs and takes rcp14 for bf16 outputs (silu16_fast); all four
+// are silu.h's own code (silu16<Precise, Division>). On 4096 L1-resident values,
 // one thread: nanoseconds per 16 values, best of 7 runs, and the largest relative error of the
 // fp32 sequences against fp64 over z in [-7, 7]. Prints one line:
 //   fp32_division fp32_reciprocal bf16_division bf16_reciprocal error_division error_reciprocal
@@ -17,30 +17,6 @@
 #include "silu.h"
 
 using namespace ddpm_perf::cpu;
-
-template <bool Precise>
-DDPM_AVX512 inline __m512 silu16_reciprocal(__m512 z) {
-  const __m512 zc = _mm512_range_ps(z, _mm512_set1_ps(80.f), 0b0110);
-  const __mmask16 keep = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-80.f), _CMP_NLT_UQ);
-  const __m512 d = one_plus_exp_neg<Precise>(zc);
-  __m512 r = _mm512_rcp14_ps(d);
-  if constexpr (Precise) r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // r (2 - d r)
-  return _mm512_maskz_mul_ps(keep, z, r);
-}
-
-template <bool Precise>
-DDPM_AVX512 inline __m512 silu16_division(__m512 z) {
-  const __m512 zc = _mm512_range_ps(z, _mm512_set1_ps(80.f), 0b0110);
-  const __mmask16 keep = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-80.f), _CMP_NLT_UQ);
-  return _mm512_maskz_div_ps(keep, z, one_plus_exp_neg<Precise>(zc));
-}
-
-template <bool Precise, bool Division>
-DDPM_AVX512 __m512 silu16(__m512 z) {
-  if constexpr (Division == Precise) return silu16_fast<Precise>(z);  // the kernel's choice
-  if constexpr (Division) return silu16_division<Precise>(z);
-  return silu16_reciprocal<Precise>(z);
-}
 
 template <bool Precise, bool Division>
 DDPM_AVX512 double seconds(const float* x, float* y, int n, int reps) {

@@ -11,7 +11,7 @@
 // accuracy on both machines measured. Otherwise, for bf16 outputs whose rounding error is 2^-9:
 // degree 3 (1.0e-4) and rcp14 (2^-14), 11 instructions; rcp14 was 1.24x faster than the division
 // on the Xeon and 1.05x slower on the Zen 5 (docs/performance.md, "group_norm_silu: the
-// division", "the SiLU for bf16 outputs").
+// division", "group_norm_silu on the Xeon: rcp14 for bf16 outputs").
 #include <immintrin.h>
 
 #include "simd.h"
@@ -42,15 +42,25 @@ DDPM_AVX512 inline __m512 sigmoid16_clamped(__m512 zc) {
   return _mm512_div_ps(_mm512_set1_ps(1.f), one_plus_exp_neg<Precise>(zc));
 }
 
-template <bool Precise>
-DDPM_AVX512 inline __m512 silu16_fast(__m512 z) {
+// z * sigmoid(z), finished by one division or by rcp14 (plus a Newton step when Precise).
+template <bool Precise, bool Division>
+DDPM_AVX512 inline __m512 silu16(__m512 z) {
   // z clamped to [-80, 80] (vrangeps: the smaller magnitude, z's sign) keeps f = t - n within
   // [-1/2, 1/2] and 1 + 2^t finite; silu is z beyond 80 and 0 (to fp32's resolution) below -80,
   // where the result is zeroed. NaN stays NaN.
   const __m512 zc = _mm512_range_ps(z, _mm512_set1_ps(80.f), 0b0110);
   const __mmask16 keep = _mm512_cmp_ps_mask(z, _mm512_set1_ps(-80.f), _CMP_NLT_UQ);
-  if constexpr (Precise) return _mm512_maskz_div_ps(keep, z, one_plus_exp_neg<Precise>(zc));
-  return _mm512_maskz_mul_ps(keep, z, _mm512_rcp14_ps(one_plus_exp_neg<Precise>(zc)));
+  const __m512 d = one_plus_exp_neg<Precise>(zc);
+  if constexpr (Division) return _mm512_maskz_div_ps(keep, z, d);
+  __m512 r = _mm512_rcp14_ps(d);
+  if constexpr (Precise) r = _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // r (2 - d r)
+  return _mm512_maskz_mul_ps(keep, z, r);
+}
+
+// The kernels' choice: the division for fp32 outputs, rcp14 for bf16 outputs.
+template <bool Precise>
+DDPM_AVX512 inline __m512 silu16_fast(__m512 z) {
+  return silu16<Precise, Precise>(z);
 }
 
 }  // namespace ddpm_perf::cpu
