@@ -40,7 +40,8 @@ struct Affine {  // per-channel fp32 parameters, any of them may be null
 };
 
 // Mean and variance from per-channel sums of v = x + shift - pivot[c] over `hw` elements each.
-void combine(const double* s1, const double* s2, const float* pivot, int64_t channels, int64_t hw, float eps,
+// Returns the fp64 mean.
+double combine(const double* s1, const double* s2, const float* pivot, int64_t channels, int64_t hw, float eps,
              float* mean, float* rstd) {
   double total = 0;
   for (int64_t c = 0; c < channels; ++c) total += s1[c] + pivot[c] * double(hw);
@@ -52,20 +53,28 @@ void combine(const double* s1, const double* s2, const float* pivot, int64_t cha
   }
   *mean = float(mu);
   *rstd = float(1.0 / std::sqrt(std::max(m2 / cnt, 0.0) + eps));
+  return mu;
 }
 
 // ---- statistics ----
 
 // NCHW, one (sample, group) slice of cpg channels of hw contiguous elements, summed as one run:
-// sums of v = x + shift[c] - pivot, the pivot being the slice's first x + shift. One reduction per
-// group: per-channel reductions cost more than the channel's own sums at small hw.
+// sums of v = x + shift[c] - shift[0] - pivot, the pivot being the slice's first x. One reduction
+// per group: per-channel reductions cost more than the channel's own sums at small hw. Within the
+// pivot's channel v is exactly x - pivot, so a group of one value normalises to exactly 0.
+
+// v = x + offset_to_v(a, c, pivot), the offset rounded once
+inline float offset_to_v(const Affine& a, int64_t c, float pivot) {
+  return float(double(a.s(c)) - a.s(0) - pivot);
+}
+
 template <typename T>
 void nchw_sums_scalar(const T* x, int64_t cpg, int64_t hw, Affine a, double* s1, double* s2, float* pivot) {
-  *pivot = to_float(x[0]) + a.s(0);
+  *pivot = to_float(x[0]);
   *s1 = *s2 = 0;
   for (int64_t c = 0; c < cpg; ++c) {
     const T* xc = x + c * hw;
-    const float off = a.s(c) - *pivot;
+    const float off = offset_to_v(a, c, *pivot);
     for (int64_t i0 = 0; i0 < hw; i0 += 256) {  // fp32 partial sums of 256 elements, fp64 totals
       float acc1 = 0, acc2 = 0;
       for (int64_t i = i0; i < std::min(hw, i0 + 256); ++i) {
@@ -119,13 +128,13 @@ DDPM_AVX512 inline double lane_total(__m512d lo, __m512d hi) { return _mm512_red
 template <typename T>
 DDPM_AVX512 void nchw_sums_avx512(const T* x, int64_t cpg, int64_t hw, Affine a, double* s1, double* s2,
                                   float* pivot) {
-  *pivot = to_float(x[0]) + a.s(0);
+  *pivot = to_float(x[0]);
   const __m512d zd = _mm512_setzero_pd();
   LaneSums total{zd, zd, zd, zd};
   if (!a.shift) {  // the slice is one run
     sums_run_avx512(x, cpg * hw, _mm512_set1_ps(-*pivot), total);
   } else {
-    for (int64_t c = 0; c < cpg; ++c) sums_run_avx512(x + c * hw, hw, _mm512_set1_ps(a.s(c) - *pivot), total);
+    for (int64_t c = 0; c < cpg; ++c) sums_run_avx512(x + c * hw, hw, _mm512_set1_ps(offset_to_v(a, c, *pivot)), total);
   }
   *s1 = lane_total(total.a_lo, total.a_hi);
   *s2 = lane_total(total.b_lo, total.b_hi);
@@ -197,11 +206,12 @@ DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t c
 // the variance is tiny and rstd large.
 //   rows_out: rows of len contiguous elements, one channel each (NCHW), per-row parameters;
 //   pixels_out: HW pixels of a block of cb channels (channels_last, pixel stride C), per-channel
-//   parameters.
+//   parameters;
+//   ahead: the distance in bytes to the next task's slice, prefetched as the pass goes (0: none).
 
 template <typename T, bool Act>
 void rows_out_scalar(const T* x, T* y, int64_t rows, int64_t len, const float* center, const float* scale,
-                     const float* offset) {
+                     const float* offset, int64_t /*ahead*/) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t i = r * len; i < (r + 1) * len; ++i) {
       const float z = (to_float(x[i]) + center[r]) * scale[r] + offset[r];
@@ -211,12 +221,22 @@ void rows_out_scalar(const T* x, T* y, int64_t rows, int64_t len, const float* c
 
 template <typename T, bool Act>
 void pixels_out_scalar(const T* x, T* y, int64_t C, int64_t HW, int64_t cb, const float* center,
-                       const float* scale, const float* offset) {
+                       const float* scale, const float* offset, int64_t /*ahead*/) {
   for (int64_t p = 0; p < HW; ++p)
     for (int64_t c = 0; c < cb; ++c) {
       const float z = (to_float(x[p * C + c]) + center[c]) * scale[c] + offset[c];
       store_float(y + p * C + c, Act ? silu(z) : z);
     }
+}
+
+// Prefetch (into L2) the 32 elements `ahead` bytes past p: the same place in the next task's
+// slice. The output pass computes from cache while the next slice comes in, so the next task's
+// statistics pass does not wait on memory (fp32: 8-15% faster at the larger cifar10 shapes).
+template <typename T>
+inline void prefetch_next(const T* p, int64_t ahead) {
+  const char* q = reinterpret_cast<const char*>(p) + ahead;
+  __builtin_prefetch(q, 0, 2);
+  if constexpr (sizeof(T) == 4) __builtin_prefetch(q + 64, 0, 2);
 }
 
 // Stores of 16 (masked) and 32 lanes: fp32, or bf16 by shifts and adds (any AVX-512 CPU) ...
@@ -234,12 +254,13 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
 #define GN_OUTPUT_KERNELS(TARGET, SUFFIX, OUT16, OUT32)                                                        \
   template <typename T, bool Act>                                                                              \
   TARGET void rows_out_##SUFFIX(const T* x, T* y, int64_t rows, int64_t len, const float* center,               \
-                                const float* scale, const float* offset) {                                     \
+                                const float* scale, const float* offset, int64_t ahead) {                      \
     constexpr bool precise = std::is_same_v<T, float>;                                                         \
     for (int64_t r = 0; r < rows; ++r, x += len, y += len) {                                                   \
       const __m512 vc = _mm512_set1_ps(center[r]), vs = _mm512_set1_ps(scale[r]), vo = _mm512_set1_ps(offset[r]); \
       int64_t i = 0;                                                                                           \
       for (; i + 32 <= len; i += 32) {                                                                         \
+        if (ahead) prefetch_next(x + i, ahead);                                                                \
         __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + i), vc), vs, vo);                                \
         __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + i + 16), vc), vs, vo);                           \
         if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                      \
@@ -255,13 +276,14 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
   }                                                                                                            \
   template <typename T, bool Act>                                                                              \
   TARGET void pixels_out_##SUFFIX(const T* x, T* y, int64_t C, int64_t HW, int64_t cb, const float* center,    \
-                                  const float* scale, const float* offset) {                                   \
+                                  const float* scale, const float* offset, int64_t ahead) {                    \
     constexpr bool precise = std::is_same_v<T, float>;                                                         \
     for (int64_t p = 0; p < HW; ++p) {                                                                         \
       const T* xp = x + p * C;                                                                                 \
       T* yp = y + p * C;                                                                                       \
       int64_t c = 0;                                                                                           \
       for (; c + 32 <= cb; c += 32) {                                                                          \
+        if (ahead) prefetch_next(xp + c, ahead);                                                               \
         __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(xp + c), _mm512_loadu_ps(center + c)),              \
                                     _mm512_loadu_ps(scale + c), _mm512_loadu_ps(offset + c));                  \
         __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(xp + c + 16), _mm512_loadu_ps(center + c + 16)),    \
@@ -284,9 +306,9 @@ GN_OUTPUT_KERNELS(DDPM_AVX512_BF16, avx512bf16, out16_bf16, out32_bf16)
 #undef GN_OUTPUT_KERNELS
 
 template <typename T>
-using RowsOut = void (*)(const T*, T*, int64_t, int64_t, const float*, const float*, const float*);
+using RowsOut = void (*)(const T*, T*, int64_t, int64_t, const float*, const float*, const float*, int64_t);
 template <typename T>
-using PixelsOut = void (*)(const T*, T*, int64_t, int64_t, int64_t, const float*, const float*, const float*);
+using PixelsOut = void (*)(const T*, T*, int64_t, int64_t, int64_t, const float*, const float*, const float*, int64_t);
 
 enum class Isa { kScalar, kAvx512, kAvx512Bf16 };
 
@@ -358,17 +380,17 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
           nchw_sums_avx512(xp + off, cpg, HW, a, &s1, &s2, &pivot);
         else
           nchw_sums_scalar(xp + off, cpg, HW, a, &s1, &s2, &pivot);
-        // combine() for one pivot: var = E[v^2] - E[v]^2 of v = x + shift - pivot, in fp64
-        const double m = s1 * inv_len;
-        mean[i] = float(pivot + m);
+        // combine() for one pivot: var = E[v^2] - E[v]^2 of v = x + shift - shift[0] - pivot, in fp64
+        const double m = s1 * inv_len, v0 = double(pivot) + a.s(0), mu = v0 + m;
+        mean[i] = float(mu);
         rstd[i] = float(1.0 / std::sqrt(std::max(s2 * inv_len - m * m, 0.0) + eps));
         for (int64_t c = 0, k = 0; c < cpg; ++c)
           for (int64_t j = 0; j < per; ++j, ++k)
-            center[k] = a.s(c) - mean[i], scale[k] = rstd[i] * a.w(c), offset[k] = a.b(c);
+            center[k] = float(double(a.s(c)) - v0 - m), scale[k] = rstd[i] * a.w(c), offset[k] = a.b(c);
         if (HW < 16)
-          pixels_out(xp + off, yp + off, len, 1, len, center, scale, offset);
+          pixels_out(xp + off, yp + off, len, 1, len, center, scale, offset, 0);
         else
-          rows_out(xp + off, yp + off, cpg, HW, center, scale, offset);
+          rows_out(xp + off, yp + off, cpg, HW, center, scale, offset, i + 1 < end ? len * int64_t(sizeof(T)) : 0);
       }
     });
     return;
@@ -407,14 +429,15 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
         const int64_t i = n * G + c0 / cpg + j, cj = j * cpg;
         // sums of x - x0 are sums of (x + shift) - (x0 + shift): the pivot carries the shift
         for (int64_t c = cj; c < cj + cpg; ++c) pivot_s[c] = pivot[c] + (sp ? sp[n * C + c0 + c] : 0.f);
-        combine(s1 + cj, s2 + cj, pivot_s + cj, cpg, HW, eps, mean + i, rstd + i);
+        const double mu = combine(s1 + cj, s2 + cj, pivot_s + cj, cpg, HW, eps, mean + i, rstd + i);
         for (int64_t c = cj; c < cj + cpg; ++c) {
-          center[c] = (sp ? sp[n * C + c0 + c] : 0.f) - mean[i];
+          center[c] = float((sp ? sp[n * C + c0 + c] : 0.0) - mu);
           scale[c] = rstd[i] * (wp ? wp[c0 + c] : 1.f);
           offset[c] = bp ? bp[c0 + c] : 0.f;
         }
       }
-      pixels_out(xs, ys, C, HW, cb, center, scale, offset);
+      const int64_t next = t + 1 < end ? ((t + 1) / blocks) * HW * C + ((t + 1) % blocks) * cb : 0;
+      pixels_out(xs, ys, C, HW, cb, center, scale, offset, next ? (next - n * HW * C - c0) * elt : 0);
     }
   });
 }
