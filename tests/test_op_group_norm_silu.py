@@ -49,6 +49,39 @@ def test_forward_matches_reference(n, groups, cpg, h, w, dtype, channels_last, a
     torch.testing.assert_close(rstd, rstd_ref, atol=1e-5, rtol=1e-4)
 
 
+EXTREME = [-1e30, -200.0, -89.0, -88.5, -85.0, -80.5, -79.5, -10.0, -1e-3, 0.0, 1e-3, 10.0, 79.5, 85.0, 200.0, 1e30]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_silu_at_extreme_activations(dtype, channels_last):
+    """Weight 0 makes the norm's output the bias, so the SiLU sees exactly these values, past the
+    kernel's clamping (+-80 in the backward, +-1000 in the forward) and fp32's exponent range;
+    inf and NaN too."""
+    bias = torch.tensor(EXTREME + [-float("inf"), float("inf"), float("nan")])
+    c = len(bias)
+    x = torch.randn(2, c, 3, 5).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    y = kernel(x, torch.zeros(c), bias, None, c, True)[0]
+    want = torch.nn.functional.silu(bias.to(dtype).float()).to(dtype)[None, :, None, None].expand_as(y)
+    torch.testing.assert_close(y, want, atol=1e-30, rtol=1e-6 if dtype == torch.float32 else 1e-2, equal_nan=True)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradients_at_extreme_activations(channels_last):
+    """Weight 100 puts z well beyond +-80, where silu' is 0 or 1 (the backward once clamped z
+    to +80 for z < -80 and gave 1 there)."""
+    x, _, _, s = make(2, 12, 5, 7, 3, torch.float32, channels_last)
+    weight, bias = torch.full((12,), 100.0), torch.zeros(12)
+    grad = torch.randn(x.shape)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, s)]
+    ops.group_norm_silu(leaves[0], leaves[1], leaves[2], 3, 1e-5, True, shift=leaves[3]).backward(grad)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, weight, bias, s)]
+    reference.group_norm_silu(*ref_leaves[:3], ref_leaves[3], 3, 1e-5, True)[0].backward(grad)
+    for name, got, want in zip(("x", "weight", "bias", "shift"), leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=2e-3, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+
+
 def test_non_contiguous_input():
     x = torch.randn(2, 8, 10, 12)[:, :, ::2, 1:]  # a strided view, neither layout
     y = kernel(x, torch.ones(8), torch.zeros(8), None, 4, True)[0]

@@ -543,8 +543,9 @@ DDPM_AVX512 void bwd_pass1_avx512(const T* x, const T* dy, int64_t step, int64_t
       const __m512 xhat = _mm512_mul_ps(_mm512_add_ps(load16(x + k * step, m), center), rs);
       __m512 dz = load16(dy + k * step, m);
       if constexpr (Act) {
-        // zc: z clamped to [-80, 80] keeping its sign (vrangeps); beyond, silu' is 1 or 0 to fp32
-        const __m512 zc = _mm512_range_ps(_mm512_fmadd_ps(xhat, w, b), lim, 0b0110);
+        // zc: z clamped to [-80, 80] keeping z's sign (vrangeps imm 0b0010, as in silu.h); beyond,
+        // silu' is 1 or 0 to fp32
+        const __m512 zc = _mm512_range_ps(_mm512_fmadd_ps(xhat, w, b), lim, 0b0010);
         const __m512 sg = sigmoid16_clamped<true>(zc);
         // dy * sg * (1 + z (1 - sg))
         dz = _mm512_mul_ps(_mm512_mul_ps(dz, sg), _mm512_fmadd_ps(zc, _mm512_sub_ps(one, sg), one));
@@ -649,7 +650,7 @@ DDPM_AVX512 void bwd_cl_pass1_avx512(const T* x, const T* dy, int64_t C, int64_t
         __m512 dz = load16(dp + 16 * j, m);
         if constexpr (Act) {
           const __m512 zc = _mm512_range_ps(_mm512_fmadd_ps(xhat, _mm512_loadu_ps(w + 16 * j), _mm512_loadu_ps(b + 16 * j)),
-                                            lim, 0b0110);
+                                            lim, 0b0010);
           const __m512 sg = sigmoid16_clamped<true>(zc);
           dz = _mm512_mul_ps(_mm512_mul_ps(dz, sg), _mm512_fmadd_ps(zc, _mm512_sub_ps(one, sg), one));
           _mm512_storeu_ps(dz_out + p * ld + 16 * j, dz);
