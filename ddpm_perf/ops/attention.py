@@ -11,20 +11,18 @@ import torch
 from torch import Tensor
 
 from ..model.attention import describe, native_attention
-from .library import triton_kernels
+from .library import per_device_type, triton_kernels
 
 OP = "attention"
-
-
-@torch.compiler.assume_constant_result  # fixed per process: torch.compile need not trace the choice
-def _backend(device_type: str) -> str:
-    return backend(torch.device(device_type))
 
 
 def backend(device: torch.device) -> str:
     if device.type == "cuda" and triton_kernels() is not None:
         return "triton"
     return describe()
+
+
+_backend = per_device_type(backend)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

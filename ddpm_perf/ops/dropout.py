@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .library import kernel_backend, load_extension, triton_kernels
+from .library import kernel_backend, load_extension, per_device_type, triton_kernels
 
 OP = "dropout"
 
@@ -50,13 +50,11 @@ class _ReferenceDropout(torch.autograd.Function):
         return reference.dropout(grad_y, ctx.seed, ctx.p), None, None
 
 
-@torch.compiler.assume_constant_result  # fixed per process: torch.compile need not trace the choice
-def _backend(device_type: str) -> str:
-    return backend(torch.device(device_type))
-
-
 def backend(device: torch.device) -> str:
     return kernel_backend(OP, device)
+
+
+_backend = per_device_type(backend)
 
 
 def draw_seed(device: torch.device) -> Tensor:

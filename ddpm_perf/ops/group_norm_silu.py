@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .library import kernel_backend, load_extension, triton_kernels
+from .library import kernel_backend, load_extension, per_device_type, triton_kernels
 
 OP = "group_norm_silu"
 
@@ -52,13 +52,11 @@ if load_extension() is None:
     _register()
 
 
-@torch.compiler.assume_constant_result  # fixed per process: torch.compile need not trace the choice
-def _backend(device_type: str) -> str:
-    return backend(torch.device(device_type))
-
-
 def backend(device: torch.device) -> str:
     return kernel_backend(OP, device)
+
+
+_backend = per_device_type(backend)
 
 
 def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float = 1e-5,

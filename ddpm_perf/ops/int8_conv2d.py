@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .library import has_kernel, load_extension
+from .library import has_kernel, load_extension, per_device_type
 
 OP = "int8_conv2d"
 
@@ -46,11 +46,6 @@ if load_extension() is None:
     _register()
 
 
-@torch.compiler.assume_constant_result  # fixed per process: torch.compile need not trace the choice
-def _backend(device_type: str) -> str:
-    return backend(torch.device(device_type))
-
-
 def backend(device: torch.device) -> str:
     if has_kernel(OP, device):
         if device.type == "cpu":
@@ -58,6 +53,9 @@ def backend(device: torch.device) -> str:
         return "cuda"
     reason = load_extension() or f"ddpm_perf._C has no {device.type} kernel for it"
     return f"reference ({reason})"
+
+
+_backend = per_device_type(backend)
 
 
 def int8_pack_weight(weight: Tensor) -> Tensor:
