@@ -70,7 +70,7 @@ def random_checkpoint(tmp_path_factory):
     return path, config, count_parameters(model)
 
 
-def test_parallel_ceiling(benchmark, tmp_path):
+def test_parallel_ceiling(benchmark, tmp_path, timing):
     """Throughput of 2 single-thread processes at once over 1 alone, on a 3x3 conv of the
     celeba64 U-Net's band size: what 2 ranks can gain at most on this machine."""
     script = tmp_path / "conv.py"
@@ -98,6 +98,7 @@ def test_parallel_ceiling(benchmark, tmp_path):
     benchmark.extra_info.update(plugins="none (2 processes)", mode="conv 3x3 128ch 32x64 fp32, 1 thread per process",
                                 gflop_per_s_1proc=one, gflop_per_s_2proc=two, parallel_ceiling=two / one,
                                 seconds_per_step=flop / (one * 1e9), flops_per_image=flop, batch=1, steps=1)
+    timing.headline(f"parallel ceiling: 2 single-thread processes {two / one:.2f}x one ({two:.0f} vs {one:.0f} GFLOP/s)")
 
 
 # At batch 1 without prepack the 3x3 convs of the 8x8 and 4x4 levels are bound by reading their
@@ -113,7 +114,7 @@ STEP_CASES = {
 
 
 @pytest.mark.parametrize("case", list(STEP_CASES))
-def test_patch_parallel_step(benchmark, tmp_path, random_checkpoint, case):
+def test_patch_parallel_step(benchmark, tmp_path, random_checkpoint, timing, case):
     mode, batch, plugins, steady = STEP_CASES[case]
     path, config, params = random_checkpoint
     args = ["sample", "--checkpoint", str(path), "--num-images", str(batch), "--batch-size", str(batch),
@@ -148,6 +149,9 @@ def test_patch_parallel_step(benchmark, tmp_path, random_checkpoint, case):
         speedup_vs_one_process=statistics.median(speedups), speedups=speedups,
         **({"bytes_sent_per_step_per_rank": sent, "bytes_total_per_step_per_rank": sum(sent.values())} if sent else {}),
     )
+    timing.headline(f"patch_parallel {case:24s}: {statistics.median(speedups):.2f}x one process "
+                    f"({statistics.median(two):.1f} vs {statistics.median(one):.1f} ms/step; pairs "
+                    + ", ".join(f"{r:.2f}" for r in speedups) + ")")
 
 
 def test_patch_parallel_bytes_4_ranks(benchmark, tmp_path, random_checkpoint):
