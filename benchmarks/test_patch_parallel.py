@@ -5,8 +5,8 @@ sides); runs alternated in one test; the bytes per step at 4 ranks;
 the quality of displaced and pcpp on the digits model (smoke: tiny sizes).
 
 Every run is the user's command (``ddpm-perf sample``, under torchrun for the bands); the step
-time is the one it prints (ms/step over the whole run, warm-up steps included; start-up and
-checkpoint loading excluded).
+time is the one it prints: ms/step over the whole run, warm-up steps included (start-up and
+checkpoint loading excluded), or for the "steady" cases the median step it prints beside it.
 
 The machine's ceiling is measured in the same run (``test_parallel_ceiling``): the throughput of
 two single-thread processes computing at once, over one alone. Two ranks cannot beat it: ~2.0
@@ -51,8 +51,11 @@ def run(cmd: list[str], cwd, ranks: int = 1) -> str:
     return result.stdout
 
 
-def ms_per_step(stdout: str) -> float:
-    return float(re.search(r"([\d.]+) ms/step", stdout).group(1))
+def ms_per_step(stdout: str, median: bool = False) -> float:
+    """The mean step time the summary line prints, or the median step (``median``)."""
+    found = re.search(r"([\d.]+) ms/step(?: \(median ([\d.]+)\))?", stdout)
+    assert found and (found.group(2) or not median), f"no step time in: {stdout[-500:]}"
+    return float(found.group(2 if median else 1))
 
 
 def sent_per_step(stdout: str) -> dict[str, int]:
@@ -103,8 +106,8 @@ def test_parallel_ceiling(benchmark, tmp_path, timing):
 
 # At batch 1 without prepack the 3x3 convs of the 8x8 and 4x4 levels are bound by reading their
 # weights, which every rank reads in full whatever its rows; at batch 4 they are compute-bound
-# and split. "steady": displaced steps alone (warm-up 0; the time of STEPS // 2 more steps, so the
-# exact first step and start-up cancel), also with prepack on both sides (like for like).
+# and split. "steady": displaced steps alone (warm-up 0; the median step, so the exact first step
+# and the first calls' set-up drop out), also with prepack on both sides (like for like).
 STEP_CASES = {
     **{m: (m, 1, "", False) for m in MODES},
     "displaced-batch4": ("displaced", 4, "", False),
@@ -124,14 +127,10 @@ def test_patch_parallel_step(benchmark, tmp_path, random_checkpoint, timing, cas
 
     def step_ms(ranks: int) -> float:
         cmd = [*args, *(["--plugins", bands] if ranks == 2 else ["--plugins", plugins] if plugins else [])]
-        if not steady:
-            stdout = run([*cmd, "--steps", str(STEPS)], tmp_path, ranks)
-            if ranks == 2:
-                sent.update(sent_per_step(stdout))
-            return ms_per_step(stdout)
-        short, long = STEPS // 2, STEPS
-        totals = [ms_per_step(run([*cmd, "--steps", str(n)], tmp_path, ranks)) * n for n in (short, long)]
-        return (totals[1] - totals[0]) / (long - short)
+        stdout = run([*cmd, "--steps", str(STEPS)], tmp_path, ranks)
+        if ranks == 2 and not steady:
+            sent.update(sent_per_step(stdout))
+        return ms_per_step(stdout, median=steady)
 
     def pair() -> None:
         order = (1, 2) if len(one) % 2 == 0 else (2, 1)
@@ -143,7 +142,7 @@ def test_patch_parallel_step(benchmark, tmp_path, random_checkpoint, timing, cas
     benchmark.extra_info.update(
         plugins=f"{bands}, 2 ranks", baseline_plugins=plugins or "none", config=CONFIG, parameters=params,
         batch=batch, shape=[batch, config.in_channels, config.image_size, config.image_size], mode="sample",
-        threads=1, sampler=f"DDIM {STEPS}" if not steady else f"DDIM {STEPS} - DDIM {STEPS // 2} (displaced steps)",
+        threads=1, sampler=f"DDIM {STEPS}" + (" (median step)" if steady else ""),
         steps=1, warmup_steps=0 if mode == "sync" or steady else 5,
         seconds_per_step=statistics.median(two) / 1e3, one_process_seconds_per_step=statistics.median(one) / 1e3,
         speedup_vs_one_process=statistics.median(speedups), speedups=speedups,

@@ -163,7 +163,8 @@ def sample(checkpoint, sampler, steps, eta, spacing, clip_sample, variance, num,
     if info.enabled:
         ranks = (f" (rank 0 of {info.world_size}: {s.images} images)" if engine.ctx.data_parallel
                  else f" ({info.world_size} ranks, one band each)")
-    click.echo(f"wrote {num} images to {out}: {s.seconds:.1f} s, {s.seconds_per_step * 1e3:.1f} ms/step{ranks}, "
+    median = f" (median {s.median_step_seconds * 1e3:.1f})" if s.median_step_seconds is not None else ""
+    click.echo(f"wrote {num} images to {out}: {s.seconds:.1f} s, {s.seconds_per_step * 1e3:.1f} ms/step{median}{ranks}, "
                f"{num / s.seconds if s.seconds else 0.0:.1f} images/s, {peak_memory(device)}"
                + (f", plugins: {','.join(host.names)}" if host.names else ""))
 

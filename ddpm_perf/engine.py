@@ -10,9 +10,10 @@ processes the samples are split over.
 from __future__ import annotations
 
 import resource
+import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -52,10 +53,18 @@ class SamplingStats:
     images: int = 0
     steps: int = 0  # model evaluations (batches x sampler steps)
     seconds: float = 0.0
+    # Each step's wall time, on the CPU only: a GPU step returns before its kernels finish.
+    step_seconds: list[float] = field(default_factory=list)
 
     @property
     def seconds_per_step(self) -> float:
         return self.seconds / max(self.steps, 1)
+
+    @property
+    def median_step_seconds(self) -> float | None:
+        """The typical step, without the first steps' one-off costs (kernel set-up, an exact
+        warm-up step of patch parallelism) that the mean carries."""
+        return statistics.median(self.step_seconds) if self.step_seconds else None
 
 
 def peak_memory(device: torch.device) -> str:
@@ -111,19 +120,20 @@ class SamplingEngine:
         batches = [indices[i:i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
         bar = tqdm(total=len(batches) * steps, unit="step", disable=not progress, dynamic_ncols=True,
                    desc=f"{self.sampler.name} x{steps}")
-        out = []
+        out: list[Tensor] = []
+        step_seconds: list[float] = []
         start = time.perf_counter()
         with bar:
             done = 0
             for batch_indices in batches:
                 x = noise[done:done + len(batch_indices)].to(self.device)
-                out.append(self._sample_batch(x, StepNoise(seed, batch_indices, self.image_shape), bar).cpu())
+                out.append(self._sample_batch(x, StepNoise(seed, batch_indices, self.image_shape), bar, step_seconds).cpu())
                 done += len(batch_indices)
                 bar.set_postfix(images=done)
-        self.stats = SamplingStats(len(indices), len(batches) * steps, time.perf_counter() - start)
+        self.stats = SamplingStats(len(indices), len(batches) * steps, time.perf_counter() - start, step_seconds)
         return torch.cat(out).clamp(-1, 1)
 
-    def _sample_batch(self, x: Tensor, step_noise: StepNoise, bar: tqdm) -> Tensor:
+    def _sample_batch(self, x: Tensor, step_noise: StepNoise, bar: tqdm, step_seconds: list[float]) -> Tensor:
         sampler, hook, ctx = self.sampler, self.plugins.hook, self.ctx
         # On a GPU a per-step check would make the host wait every step: keep the flags on the
         # device and look once per batch. On the CPU checking at once costs nothing extra.
@@ -131,6 +141,7 @@ class SamplingEngine:
         finite: list[Tensor] = []
         sampler.reset()
         for i, t in enumerate(sampler.timesteps):
+            step_start = time.perf_counter()
             plan = StepPlan()
             if self._per_step_hooks:
                 hook.plan_step(step=i, t=t, plan=plan, ctx=ctx)
@@ -143,6 +154,8 @@ class SamplingEngine:
                 self._non_finite(finite)
             if self._per_step_hooks:
                 hook.after_step(step=i, state=StepState(x, eps, t, plan), ctx=ctx)
+            if check_now:
+                step_seconds.append(time.perf_counter() - step_start)
             bar.update(1)
         if not check_now and not torch.stack(finite).all():
             self._non_finite(finite)

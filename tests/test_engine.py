@@ -48,6 +48,15 @@ def test_engine_equals_a_hand_written_loop(tiny_checkpoint):
     assert engine.stats.images == 4 and engine.stats.steps == 5
 
 
+def test_stats_time_every_step(tiny_checkpoint):
+    engine = engine_for(tiny_checkpoint, "ddim", 3, batch_size=2)
+    engine.sample(4, seed=0)
+    stats = engine.stats
+    assert len(stats.step_seconds) == stats.steps == 6  # 2 batches x 3 steps
+    assert 0 < min(stats.step_seconds) <= stats.median_step_seconds <= max(stats.step_seconds)
+    assert sum(stats.step_seconds) <= stats.seconds
+
+
 class PoisonAtStep(Plugin):
     name, description, phase = "poison", "returns NaN from step 2", Phase.RUNTIME
 
