@@ -58,15 +58,15 @@ double combine(const double* s1, const double* s2, const float* pivot, int64_t c
 
 // ---- statistics ----
 
+// v = x + offset_to_v(a, c, pivot) = x + shift[c] - shift[0] - pivot, the offset rounded once
+inline float offset_to_v(const Affine& a, int64_t c, float pivot) {
+  return float(double(a.s(c)) - a.s(0) - pivot);
+}
+
 // NCHW, one (sample, group) slice of cpg channels of hw contiguous elements, summed as one run:
 // sums of v = x + shift[c] - shift[0] - pivot, the pivot being the slice's first x. One reduction
 // per group: per-channel reductions cost more than the channel's own sums at small hw. Within the
 // pivot's channel v is exactly x - pivot, so a group of one value normalises to exactly 0.
-
-// v = x + offset_to_v(a, c, pivot), the offset rounded once
-inline float offset_to_v(const Affine& a, int64_t c, float pivot) {
-  return float(double(a.s(c)) - a.s(0) - pivot);
-}
 
 template <typename T>
 void nchw_sums_scalar(const T* x, int64_t cpg, int64_t hw, Affine a, double* s1, double* s2, float* pivot) {
@@ -409,6 +409,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
     blocks = k;
   }
   const int64_t cb = C / blocks, gpb = G / blocks;
+  auto slice_at = [&](int64_t t) { return (t / blocks) * HW * C + (t % blocks) * cb; };  // task t's first element
   at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> sums(2 * cb);
     std::vector<float> params(5 * cb);
@@ -416,9 +417,9 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
     float *pivot = params.data(), *pivot_s = pivot + cb, *center = pivot_s + cb, *scale = center + cb,
           *offset = scale + cb;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / blocks, c0 = (t % blocks) * cb;
-      const T* xs = xp + n * HW * C + c0;
-      T* ys = yp + n * HW * C + c0;
+      const int64_t n = t / blocks, c0 = (t % blocks) * cb, start = slice_at(t);
+      const T* xs = xp + start;
+      T* ys = yp + start;
       for (int64_t c = 0; c < cb; ++c) pivot[c] = to_float(xs[c]);
       std::fill(sums.begin(), sums.end(), 0.0);
       if (simd)
@@ -436,8 +437,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
           offset[c] = bp ? bp[c0 + c] : 0.f;
         }
       }
-      const int64_t next = t + 1 < end ? ((t + 1) / blocks) * HW * C + ((t + 1) % blocks) * cb : 0;
-      pixels_out(xs, ys, C, HW, cb, center, scale, offset, next ? (next - n * HW * C - c0) * elt : 0);
+      pixels_out(xs, ys, C, HW, cb, center, scale, offset, t + 1 < end ? (slice_at(t + 1) - start) * elt : 0);
     }
   });
 }
