@@ -7,13 +7,13 @@
 // z * sigmoid(z) = z / (1 + 2^t) with t = -z log2(e) = r + f, r a multiple of 1/16 and
 // |f| <= 1/32: 2^r = 2^floor(r) * 2^(k/16) by scalef and a 16-entry table (vpermps), 2^f by a
 // short polynomial, then one division. Precise, for fp32 outputs: degree 3 in f (relative error
-// 2.4e-7 on [-7, 7]) and a division, 12 instructions; otherwise, for bf16 outputs whose rounding
-// error is 2^-9: degree 1 (2.9e-4) and rcp14 (2^-14), 10 instructions. The table moves work off
-// the multiply pipes, which bound the sequence: on the Zen 5 the table cut fp32 from 1.53 to
-// 1.36 ns per 16 values and bf16 outputs from 1.23 to 0.96 ns against a degree-5 (degree-3)
-// polynomial over |f| <= 1/2 (docs/performance.md, "group_norm_silu: a table for the
-// exponential (session 14)"). The division beat rcp14 and a Newton step in speed and accuracy on
-// both machines measured ("group_norm_silu: the division").
+// <= 2.4e-7 on [-7, 7]) and a division, 12 instructions; otherwise, for bf16 outputs whose
+// rounding error is 2^-9: degree 1 (2.9e-4) and rcp14 (2^-14), 10 instructions. The table moves
+// work off the multiply pipes, which bound the sequence: on the Zen 5 it cut fp32 from 1.50-1.53
+// to 1.32-1.33 ns per 16 values and bf16 outputs from 1.21-1.24 to 0.96-0.97 ns, against a
+// degree-5 (degree-3) polynomial over |f| <= 1/2 (docs/performance.md, "group_norm_silu: a table
+// for the exponential (session 14)"). The division beat rcp14 and a Newton step in speed and
+// accuracy on both machines measured ("group_norm_silu: the division").
 #include <immintrin.h>
 
 #include <cmath>
