@@ -72,14 +72,8 @@ def test_gradients_at_extreme_activations(channels_last):
     """Weight 100 puts z well beyond +-80, where silu' is 0 or 1 (the backward once clamped z
     to +80 for z < -80 and gave 1 there)."""
     x, _, _, s = make(2, 12, 5, 7, 3, torch.float32, channels_last)
-    weight, bias = torch.full((12,), 100.0), torch.zeros(12)
-    grad = torch.randn(x.shape)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, s)]
-    ops.group_norm_silu(leaves[0], leaves[1], leaves[2], 3, 1e-5, True, shift=leaves[3]).backward(grad)
-    ref_leaves = [t.clone().requires_grad_() for t in (x, weight, bias, s)]
-    reference.group_norm_silu(*ref_leaves[:3], ref_leaves[3], 3, 1e-5, True)[0].backward(grad)
-    for name, got, want in zip(("x", "weight", "bias", "shift"), leaves, ref_leaves):
-        torch.testing.assert_close(got.grad, want.grad, atol=2e-3, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+    assert_gradients_match(x, torch.full((12,), 100.0), torch.zeros(12), s, 3, True, torch.randn(x.shape),
+                           dict(atol=2e-3, rtol=1e-4))
 
 
 def test_non_contiguous_input():
@@ -93,12 +87,16 @@ def test_non_contiguous_input():
 @pytest.mark.parametrize("silu", [False, True])
 def test_gradients_match_reference(dtype, channels_last, silu):
     x, weight, bias, s = make(2, 12, 5, 7, 3, dtype, channels_last)
-    grad = torch.randn(x.shape).to(dtype)
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, s)]
-    ops.group_norm_silu(leaves[0], leaves[1], leaves[2], 3, 1e-5, silu, shift=leaves[3]).backward(grad)
-    ref_leaves = [t.clone().requires_grad_() for t in (x, weight, bias, s)]
-    reference.group_norm_silu(*ref_leaves[:3], ref_leaves[3], 3, 1e-5, silu)[0].backward(grad)
     tol = dict(atol=5e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=5e-2)
+    assert_gradients_match(x, weight, bias, s, 3, silu, torch.randn(x.shape).to(dtype), tol)
+
+
+def assert_gradients_match(x, weight, bias, shift, groups, silu, grad, tol):
+    """The op's gradients of x, weight, bias and shift against the reference's, for ``grad``."""
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias, shift)]
+    ops.group_norm_silu(leaves[0], leaves[1], leaves[2], groups, 1e-5, silu, shift=leaves[3]).backward(grad)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, weight, bias, shift)]
+    reference.group_norm_silu(*ref_leaves[:3], ref_leaves[3], groups, 1e-5, silu)[0].backward(grad)
     for name, got, want in zip(("x", "weight", "bias", "shift"), leaves, ref_leaves):
         torch.testing.assert_close(got.grad, want.grad, **tol, msg=lambda m: f"grad of {name}: {m}")
 

@@ -535,7 +535,7 @@ template <typename T, bool Act>
 DDPM_AVX512 void bwd_pass1_avx512(const T* x, const T* dy, int64_t step, int64_t count, __mmask16 m, __m512 center,
                                   __m512 rs, __m512 w, __m512 b, float* dz_out, LaneSums& s) {
   constexpr int64_t kFlush = 256;
-  const __m512 one = _mm512_set1_ps(1.f), lim = _mm512_set1_ps(80.f);
+  const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t k0 = 0; k0 < count; k0 += kFlush) {
     const int64_t k1 = std::min(count, k0 + kFlush);
     __m512 a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
@@ -543,9 +543,8 @@ DDPM_AVX512 void bwd_pass1_avx512(const T* x, const T* dy, int64_t step, int64_t
       const __m512 xhat = _mm512_mul_ps(_mm512_add_ps(load16(x + k * step, m), center), rs);
       __m512 dz = load16(dy + k * step, m);
       if constexpr (Act) {
-        // zc: z clamped to [-80, 80] keeping z's sign (vrangeps imm 0b0010, as in silu.h); beyond,
-        // silu' is 1 or 0 to fp32
-        const __m512 zc = _mm512_range_ps(_mm512_fmadd_ps(xhat, w, b), lim, 0b0010);
+        // zc: z clamped to [-80, 80]; beyond, silu' is 1 or 0 to fp32
+        const __m512 zc = clamp_magnitude(_mm512_fmadd_ps(xhat, w, b), 80.f);
         const __m512 sg = sigmoid16_clamped<true>(zc);
         // dy * sg * (1 + z (1 - sg))
         dz = _mm512_mul_ps(_mm512_mul_ps(dz, sg), _mm512_fmadd_ps(zc, _mm512_sub_ps(one, sg), one));
@@ -633,7 +632,7 @@ DDPM_AVX512 void bwd_cl_pass1_avx512(const T* x, const T* dy, int64_t C, int64_t
                                      float* dz_out, int64_t ld, double* s1, double* s2) {
   constexpr int64_t kFlush = 256;
   const __mmask16 mlast = tail_mask(last);
-  const __m512 one = _mm512_set1_ps(1.f), lim = _mm512_set1_ps(80.f);
+  const __m512 one = _mm512_set1_ps(1.f);
   for (int64_t p0 = 0; p0 < HW; p0 += kFlush) {
     const int64_t p1 = std::min(HW, p0 + kFlush);
     __m512 a1[NV], a2[NV];
@@ -649,8 +648,8 @@ DDPM_AVX512 void bwd_cl_pass1_avx512(const T* x, const T* dy, int64_t C, int64_t
             _mm512_mul_ps(_mm512_add_ps(load16(xp + 16 * j, m), _mm512_loadu_ps(center + 16 * j)), _mm512_loadu_ps(rs + 16 * j));
         __m512 dz = load16(dp + 16 * j, m);
         if constexpr (Act) {
-          const __m512 zc = _mm512_range_ps(_mm512_fmadd_ps(xhat, _mm512_loadu_ps(w + 16 * j), _mm512_loadu_ps(b + 16 * j)),
-                                            lim, 0b0010);
+          const __m512 zc = clamp_magnitude(
+              _mm512_fmadd_ps(xhat, _mm512_loadu_ps(w + 16 * j), _mm512_loadu_ps(b + 16 * j)), 80.f);
           const __m512 sg = sigmoid16_clamped<true>(zc);
           dz = _mm512_mul_ps(_mm512_mul_ps(dz, sg), _mm512_fmadd_ps(zc, _mm512_sub_ps(one, sg), one));
           _mm512_storeu_ps(dz_out + p * ld + 16 * j, dz);

@@ -30,6 +30,12 @@ DDPM_AVX512 inline __m512 exp2_sixteenths() {
                         1.7562521603732995f, 1.8340080864093424f, 1.9152065613971474f);
 }
 
+// z with its magnitude clamped to `limit`, keeping z's sign (vrangeps imm 0b0010; 0b0110 would
+// take the chosen operand's sign, +limit for z < -limit). NaN stays NaN.
+DDPM_AVX512 inline __m512 clamp_magnitude(__m512 z, float limit) {
+  return _mm512_range_ps(z, _mm512_set1_ps(limit), 0b0010);
+}
+
 template <bool Precise>
 DDPM_AVX512 inline __m512 one_plus_exp_neg(__m512 zc) {  // 1 + e^-zc, |zc| <= 1000; inf beyond ~88
   const __m512 c = _mm512_set1_ps(-1.44269504088896341f), magic = _mm512_set1_ps(786432.f);
@@ -59,11 +65,9 @@ DDPM_AVX512 inline __m512 sigmoid16_clamped(__m512 zc) {
 // z * sigmoid(z), finished by one division or by rcp14 (plus a Newton step when Precise).
 template <bool Precise, bool Division>
 DDPM_AVX512 inline __m512 silu16(__m512 z) {
-  // vrangeps with imm 0b0010: the smaller magnitude of z and 1000, with z's sign (0b0110 would
-  // take the chosen operand's sign: +1000 for z = -inf). Below about -88, 1 + 2^t is inf and the
-  // division gives -0 (rcp14: 0); above, 2^t is 0 and silu is z. NaN stays NaN, -inf gives NaN
-  // as in torch (-inf * 0).
-  const __m512 zc = _mm512_range_ps(z, _mm512_set1_ps(1000.f), 0b0010);
+  // Below about -88, 1 + 2^t is inf and the division gives -0 (rcp14: 0); above, 2^t is 0 and
+  // silu is z. NaN stays NaN, -inf gives NaN as in torch (-inf * 0).
+  const __m512 zc = clamp_magnitude(z, 1000.f);
   const __m512 d = one_plus_exp_neg<Precise>(zc);
   if constexpr (Division) return _mm512_div_ps(z, d);
   __m512 r = _mm512_rcp14_ps(d);
