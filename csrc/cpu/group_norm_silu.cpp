@@ -274,6 +274,38 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
       }                                                                                                        \
     }                                                                                                          \
   }                                                                                                            \
+  /* rows_out for a slice of len % 32 == 0, that also sums the next slice (v = next - pivot_next) */         \
+  /* in exactly sums_run_avx512's order, so its statistics do not depend on which path ran. */                 \
+  template <typename T, bool Act>                                                                              \
+  TARGET void rows_out_sums_##SUFFIX(const T* x, T* y, int64_t rows, int64_t len, const float* center,          \
+                                     const float* scale, const float* offset, const T* next, float pivot_next,  \
+                                     double* s1, double* s2, int64_t ahead) {                                  \
+    constexpr bool precise = std::is_same_v<T, float>;                                                         \
+    const __m512 off = _mm512_set1_ps(-pivot_next);                                                            \
+    const __m512d zd = _mm512_setzero_pd();                                                                    \
+    LaneSums total{zd, zd, zd, zd};                                                                            \
+    __m512 a1 = _mm512_setzero_ps(), a2 = a1, b1 = a1, b2 = a1;                                                \
+    const int64_t n = rows * len;                                                                              \
+    for (int64_t r = 0, k = 0; r < rows; ++r) {                                                                \
+      const __m512 vc = _mm512_set1_ps(center[r]), vs = _mm512_set1_ps(scale[r]), vo = _mm512_set1_ps(offset[r]); \
+      for (int64_t i = 0; i < len; i += 32, k += 32) {                                                         \
+        if (ahead) prefetch_next(next + k, ahead);                                                             \
+        const __m512 u = _mm512_add_ps(loadu16(next + k), off);                                                \
+        const __m512 v = _mm512_add_ps(loadu16(next + k + 16), off);                                           \
+        a1 = _mm512_add_ps(a1, u), a2 = _mm512_fmadd_ps(u, u, a2);                                             \
+        b1 = _mm512_add_ps(b1, v), b2 = _mm512_fmadd_ps(v, v, b2);                                             \
+        if (((k + 32) & (256 * 16 - 1)) == 0 || k + 32 == n) {                                                 \
+          flush_sums(total, _mm512_add_ps(a1, b1), _mm512_add_ps(a2, b2));                                     \
+          a1 = a2 = b1 = b2 = _mm512_setzero_ps();                                                             \
+        }                                                                                                      \
+        __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + k), vc), vs, vo);                                \
+        __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + k + 16), vc), vs, vo);                           \
+        if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                      \
+        OUT32(y + k, z0, z1);                                                                                  \
+      }                                                                                                        \
+    }                                                                                                          \
+    *s1 = lane_total(total.a_lo, total.a_hi), *s2 = lane_total(total.b_lo, total.b_hi);                        \
+  }                                                                                                            \
   template <typename T, bool Act>                                                                              \
   TARGET void pixels_out_##SUFFIX(const T* x, T* y, int64_t C, int64_t HW, int64_t cb, const float* center,    \
                                   const float* scale, const float* offset, int64_t ahead) {                    \
@@ -308,16 +340,27 @@ GN_OUTPUT_KERNELS(DDPM_AVX512_BF16, avx512bf16, out16_bf16, out32_bf16)
 template <typename T>
 using RowsOut = void (*)(const T*, T*, int64_t, int64_t, const float*, const float*, const float*, int64_t);
 template <typename T>
+using RowsOutSums = void (*)(const T*, T*, int64_t, int64_t, const float*, const float*, const float*, const T*, float,
+                             double*, double*, int64_t);
+template <typename T>
 using PixelsOut = void (*)(const T*, T*, int64_t, int64_t, int64_t, const float*, const float*, const float*, int64_t);
+
+template <typename T>
+struct OutputKernels {
+  RowsOut<T> rows;
+  RowsOutSums<T> rows_sums;  // null without AVX-512
+  PixelsOut<T> pixels;
+};
 
 enum class Isa { kScalar, kAvx512, kAvx512Bf16 };
 
 template <typename T, bool Act>
-std::pair<RowsOut<T>, PixelsOut<T>> output_kernels(Isa isa) {
+OutputKernels<T> output_kernels(Isa isa) {
   if constexpr (std::is_same_v<T, uint16_t>)
-    if (isa == Isa::kAvx512Bf16) return {rows_out_avx512bf16<T, Act>, pixels_out_avx512bf16<T, Act>};
-  if (isa != Isa::kScalar) return {rows_out_avx512<T, Act>, pixels_out_avx512<T, Act>};
-  return {rows_out_scalar<T, Act>, pixels_out_scalar<T, Act>};
+    if (isa == Isa::kAvx512Bf16)
+      return {rows_out_avx512bf16<T, Act>, rows_out_sums_avx512bf16<T, Act>, pixels_out_avx512bf16<T, Act>};
+  if (isa != Isa::kScalar) return {rows_out_avx512<T, Act>, rows_out_sums_avx512<T, Act>, pixels_out_avx512<T, Act>};
+  return {rows_out_scalar<T, Act>, nullptr, pixels_out_scalar<T, Act>};
 }
 
 // ---- op ----
@@ -359,11 +402,14 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
   const Isa isa = cpu_has_avx512_bf16() ? Isa::kAvx512Bf16 : cpu_has_avx512() ? Isa::kAvx512 : Isa::kScalar;
   const bool simd = isa != Isa::kScalar;
-  const auto [rows_out, pixels_out] = act ? output_kernels<T, true>(isa) : output_kernels<T, false>(isa);
+  const OutputKernels<T> out = act ? output_kernels<T, true>(isa) : output_kernels<T, false>(isa);
 
   if (!is_channels_last(x)) {
     // One task per (sample, group): its cpg * HW contiguous elements are read for the statistics,
-    // then again (from L1/L2) for the output.
+    // then again (from L1/L2) for the output. Where the output loop can (AVX-512, no shift, rows
+    // of whole 32-element vectors), it also sums the thread's next slice, which lies right after
+    // this one: the output pass is compute-bound and hides the next slice's memory reads.
+    const bool fuse = out.rows_sums && !sp && HW % 32 == 0;
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
       // Parameters per channel, or below 16 elements a row per element: the slice's output then
       // runs as one row instead of one masked vector per channel.
@@ -371,15 +417,18 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
       const double inv_len = 1.0 / double(len);
       std::vector<float> params(3 * count);
       float *center = params.data(), *scale = center + count, *offset = scale + count;
+      double s1, s2;
+      float pivot;
+      bool summed = false;  // s1, s2, pivot already hold this slice's sums
       for (int64_t i = begin; i < end; ++i) {
         const int64_t n = i / G, c0 = (i % G) * cpg, off = (n * C + c0) * HW;
         const Affine a{wp ? wp + c0 : nullptr, bp ? bp + c0 : nullptr, sp ? sp + n * C + c0 : nullptr};
-        double s1, s2;
-        float pivot;
-        if (simd)
-          nchw_sums_avx512(xp + off, cpg, HW, a, &s1, &s2, &pivot);
-        else
-          nchw_sums_scalar(xp + off, cpg, HW, a, &s1, &s2, &pivot);
+        if (!summed) {
+          if (simd)
+            nchw_sums_avx512(xp + off, cpg, HW, a, &s1, &s2, &pivot);
+          else
+            nchw_sums_scalar(xp + off, cpg, HW, a, &s1, &s2, &pivot);
+        }
         // combine() for one pivot: var = E[v^2] - E[v]^2 of v = x + shift - shift[0] - pivot, in fp64
         const double m = s1 * inv_len, v0 = double(pivot) + a.s(0), mu = v0 + m;
         mean[i] = float(mu);
@@ -387,10 +436,17 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
         for (int64_t c = 0, k = 0; c < cpg; ++c)
           for (int64_t j = 0; j < per; ++j, ++k)
             center[k] = float(double(a.s(c)) - v0 - m), scale[k] = rstd[i] * a.w(c), offset[k] = a.b(c);
-        if (HW < 16)
-          pixels_out(xp + off, yp + off, len, 1, len, center, scale, offset, 0);
-        else
-          rows_out(xp + off, yp + off, cpg, HW, center, scale, offset, i + 1 < end ? len * int64_t(sizeof(T)) : 0);
+        summed = fuse && i + 1 < end;
+        if (summed) {
+          const T* next = xp + off + len;
+          pivot = to_float(next[0]);
+          out.rows_sums(xp + off, yp + off, cpg, HW, center, scale, offset, next, pivot, &s1, &s2,
+                        i + 2 < end ? len * int64_t(sizeof(T)) : 0);
+        } else if (HW < 16) {
+          out.pixels(xp + off, yp + off, len, 1, len, center, scale, offset, 0);
+        } else {
+          out.rows(xp + off, yp + off, cpg, HW, center, scale, offset, i + 1 < end ? len * int64_t(sizeof(T)) : 0);
+        }
       }
     });
     return;
@@ -437,7 +493,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
           offset[c] = bp ? bp[c0 + c] : 0.f;
         }
       }
-      pixels_out(xs, ys, C, HW, cb, center, scale, offset, t + 1 < end ? (slice_at(t + 1) - start) * elt : 0);
+      out.pixels(xs, ys, C, HW, cb, center, scale, offset, t + 1 < end ? (slice_at(t + 1) - start) * elt : 0);
     }
   });
 }
