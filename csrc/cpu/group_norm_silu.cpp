@@ -3,8 +3,8 @@
 // Forward: per (sample, group) for NCHW, per (sample, block of groups) for channels_last, in
 // parallel with at::parallel_for. Statistics are fp32 lane sums of (x - pivot), combined in fp64
 // (the pivot, an element of the same group (NCHW) or channel (channels_last), keeps E[x^2] -
-// E[x]^2 from cancelling). Each task
-// reads its slice twice (statistics, then output), the second time from cache. AVX-512 where the
+// E[x]^2 from cancelling). Each task reads its slice twice (statistics, then output), the second
+// time from cache; in NCHW the output loop also sums the thread's next slice. AVX-512 where the
 // CPU has it (checked at run time), with AVX512_BF16 conversions for bf16 output where it has
 // those, portable C++ otherwise.
 // Backward: per (sample, group) for NCHW, per (sample, block of groups) for channels_last: dz and
