@@ -180,11 +180,13 @@ def rounds_of(benchmark, fn: Callable[[], object], rounds: int = ROUNDS, warmup_
 
 
 def interleaved(benchmark, target: Callable[[], object], baseline: Callable[[], object], rounds: int = ROUNDS,
-                warmup_rounds: int = 1) -> SimpleNamespace:
+                warmup_rounds: int = 1, warm: Callable[[], object] | None = None) -> SimpleNamespace:
     """Time ``target`` with ``benchmark.pedantic`` and ``baseline`` between its rounds, in
     alternating order (baseline-target, target-baseline, ...), so slow drifts of a shared machine
     hit both alike. Returns the timed seconds of both (warm-up rounds dropped) and the last
-    result of each. The benchmark's own statistics are those of ``target``.
+    result of each. The benchmark's own statistics are those of ``target``. ``warm``, if given,
+    is called untimed before each timed ``target``: one call of a repeated op, as the kernel
+    suites' baselines get (``test_kernels.Baselines``), so both sides start from warm caches.
 
     Under --benchmark-disable pedantic runs setup and target once: one pair is still timed."""
     times: dict[str, list[float]] = {"target": [], "baseline": []}
@@ -192,6 +194,8 @@ def interleaved(benchmark, target: Callable[[], object], baseline: Callable[[], 
     state = {"round": 0}
 
     def timed(fn: Callable[[], object], key: str) -> None:
+        if key == "target" and warm is not None:
+            warm()
         start = time.perf_counter()
         if key == "target":
             _inject()

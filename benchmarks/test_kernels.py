@@ -327,7 +327,8 @@ def run_group_norm_silu(benchmark, bench, timing, large_copy, shape, dtype, layo
             extra["compiled_rel_dev"] = timing.deviation(compiled_out, ref, "")["rel_dev"]
             fns["compiled"] = ((lambda: fn(next_x(), weight, bias)), calls)
         baselines = Baselines(fns, first="large_copy")
-        r = timing.interleaved(benchmark, repeat(op, calls), baselines, rounds=timing.rounds * SHORT_ROUNDS_FACTOR)
+        r = timing.interleaved(benchmark, repeat(op, calls), baselines, rounds=timing.rounds * SHORT_ROUNDS_FACTOR,
+                               warm=op)
     base = baselines.last(len(r.target))
     med = {name: statistics.median(t) for name, t in base.items()}
     per_call = statistics.median(r.target) / calls
@@ -526,7 +527,7 @@ def test_int8_conv2d(benchmark, bench, timing, conv_cases, key):
     baselines = Baselines({name: (case.calls[name], calls) for name in CONV_VARIANTS})
     with torch.inference_mode():
         r = timing.interleaved(benchmark, repeat(case.calls["int8"], calls), baselines,
-                               rounds=timing.rounds * SHORT_ROUNDS_FACTOR)
+                               rounds=timing.rounds * SHORT_ROUNDS_FACTOR, warm=case.calls["int8"])
     base = baselines.last(len(r.target))
     per_call = {"int8": statistics.median(r.target) / calls,
                 **{name: statistics.median(t) / calls for name, t in base.items()}}
