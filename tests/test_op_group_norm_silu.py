@@ -50,25 +50,27 @@ def test_forward_matches_reference(n, groups, cpg, h, w, dtype, channels_last, a
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 64, 8, 8), (2, 40, 32, 33), (2, 16, 32, 32)])
-def test_statistics_do_not_depend_on_the_thread_count(dtype, shape):
-    """With AVX-512 the output loop also sums the thread's next slice (NCHW, no shift, H*W a
-    multiple of 32); a thread's first slice is summed on its own. Both must add in one order, or
-    the outputs would change with the number of threads. (2, 16, 32, 32) at 8 groups: 2048-element
-    slices; (2, 40, 32, 33) at 8 groups: 5280, flushed to fp64 across a row."""
-    x, weight, bias, _ = make(*shape, 8, dtype, channels_last=False, shift=False, offset=3.0)
+@pytest.mark.parametrize("shape", [(3, 64, 8, 8), (2, 40, 32, 33), (2, 16, 32, 32), (2, 16, 64, 80)])
+@pytest.mark.parametrize("shift", [False, True])
+def test_statistics_do_not_depend_on_the_thread_count(dtype, shape, shift):
+    """With AVX-512 the output loop also sums the thread's next slice (NCHW, H*W a multiple of
+    32); a thread's first slice is summed on its own. Both must add in one order, or the outputs
+    would change with the number of threads. At 8 groups: (2, 16, 32, 32) has 2048-value slices;
+    (2, 40, 32, 33) 5280, flushed to fp64 across a row (one run without a shift); (2, 16, 64, 80)
+    two 5120-value rows, flushed inside a row (one run per row with a shift)."""
+    x, weight, bias, s = make(*shape, 8, dtype, channels_last=False, shift=shift, offset=3.0)
     threads = torch.get_num_threads()
     try:
         outputs = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            outputs.append(kernel(x, weight, bias, None, 8, True))
+            outputs.append(kernel(x, weight, bias, s, 8, True))
     finally:
         torch.set_num_threads(threads)
     for other in outputs[1:]:
         for a, b in zip(outputs[0], other):
             assert torch.equal(a, b)
-    y_ref, mean_ref, rstd_ref = reference.group_norm_silu(x, weight, bias, None, 8, 1e-5, True)
+    y_ref, mean_ref, rstd_ref = reference.group_norm_silu(x, weight, bias, s, 8, 1e-5, True)
     torch.testing.assert_close(outputs[0][0], y_ref, **TOL[dtype])
     torch.testing.assert_close(outputs[0][1], mean_ref, atol=1e-5, rtol=1e-5)
 

@@ -274,27 +274,30 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
       }                                                                                                        \
     }                                                                                                          \
   }                                                                                                            \
-  /* rows_out for a slice of len % 32 == 0, that also sums the next slice (v = next - pivot_next) */         \
-  /* in exactly sums_run_avx512's order, so its statistics do not depend on which path ran. */                 \
+  /* rows_out for rows of len % 32 == 0, that also sums the next slice (v = next + next_off[row]) in */      \
+  /* exactly nchw_sums_avx512's order: one run (per_row false), or one run per row (with a shift). So a */    \
+  /* slice's statistics do not depend on which path summed it. */                                             \
   template <typename T, bool Act>                                                                              \
   TARGET void rows_out_sums_##SUFFIX(const T* x, T* y, int64_t rows, int64_t len, const float* center,          \
-                                     const float* scale, const float* offset, const T* next, float pivot_next,  \
-                                     double* s1, double* s2, int64_t ahead) {                                  \
+                                     const float* scale, const float* offset, const T* next,                   \
+                                     const float* next_off, bool per_row, double* s1, double* s2,              \
+                                     int64_t ahead) {                                                          \
     constexpr bool precise = std::is_same_v<T, float>;                                                         \
-    const __m512 off = _mm512_set1_ps(-pivot_next);                                                            \
     const __m512d zd = _mm512_setzero_pd();                                                                    \
     LaneSums total{zd, zd, zd, zd};                                                                            \
     __m512 a1 = _mm512_setzero_ps(), a2 = a1, b1 = a1, b2 = a1;                                                \
     const int64_t n = rows * len;                                                                              \
     for (int64_t r = 0, k = 0; r < rows; ++r) {                                                                \
       const __m512 vc = _mm512_set1_ps(center[r]), vs = _mm512_set1_ps(scale[r]), vo = _mm512_set1_ps(offset[r]); \
+      const __m512 off = _mm512_set1_ps(next_off[r]);                                                          \
       for (int64_t i = 0; i < len; i += 32, k += 32) {                                                         \
         if (ahead) prefetch_next(next + k, ahead);                                                             \
         const __m512 u = _mm512_add_ps(loadu16(next + k), off);                                                \
         const __m512 v = _mm512_add_ps(loadu16(next + k + 16), off);                                           \
         a1 = _mm512_add_ps(a1, u), a2 = _mm512_fmadd_ps(u, u, a2);                                             \
         b1 = _mm512_add_ps(b1, v), b2 = _mm512_fmadd_ps(v, v, b2);                                             \
-        if (((k + 32) & (256 * 16 - 1)) == 0 || k + 32 == n) {                                                 \
+        const int64_t done = per_row ? i + 32 : k + 32, run = per_row ? len : n;                               \
+        if ((done & (256 * 16 - 1)) == 0 || done == run) {                                                     \
           flush_sums(total, _mm512_add_ps(a1, b1), _mm512_add_ps(a2, b2));                                     \
           a1 = a2 = b1 = b2 = _mm512_setzero_ps();                                                             \
         }                                                                                                      \
@@ -340,8 +343,8 @@ GN_OUTPUT_KERNELS(DDPM_AVX512_BF16, avx512bf16, out16_bf16, out32_bf16)
 template <typename T>
 using RowsOut = void (*)(const T*, T*, int64_t, int64_t, const float*, const float*, const float*, int64_t);
 template <typename T>
-using RowsOutSums = void (*)(const T*, T*, int64_t, int64_t, const float*, const float*, const float*, const T*, float,
-                             double*, double*, int64_t);
+using RowsOutSums = void (*)(const T*, T*, int64_t, int64_t, const float*, const float*, const float*, const T*,
+                             const float*, bool, double*, double*, int64_t);
 template <typename T>
 using PixelsOut = void (*)(const T*, T*, int64_t, int64_t, int64_t, const float*, const float*, const float*, int64_t);
 
@@ -406,17 +409,17 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
 
   if (!is_channels_last(x)) {
     // One task per (sample, group): its cpg * HW contiguous elements are read for the statistics,
-    // then again (from L1/L2) for the output. Where the output loop can (AVX-512, no shift, rows
-    // of whole 32-element vectors), it also sums the thread's next slice, which lies right after
-    // this one: the output pass is compute-bound and hides the next slice's memory reads.
-    const bool fuse = out.rows_sums && !sp && HW % 32 == 0;
+    // then again (from L1/L2) for the output. Where the output loop can (AVX-512, rows of whole
+    // 32-element vectors), it also sums the thread's next slice, which lies right after this one:
+    // the output pass is compute-bound and hides the next slice's memory reads.
+    const bool fuse = out.rows_sums && HW % 32 == 0;
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
       // Parameters per channel, or below 16 elements a row per element: the slice's output then
       // runs as one row instead of one masked vector per channel.
       const int64_t len = cpg * HW, count = HW < 16 ? len : cpg, per = HW < 16 ? HW : 1;
       const double inv_len = 1.0 / double(len);
-      std::vector<float> params(3 * count);
-      float *center = params.data(), *scale = center + count, *offset = scale + count;
+      std::vector<float> params(3 * count + cpg);
+      float *center = params.data(), *scale = center + count, *offset = scale + count, *next_off = offset + count;
       double s1, s2;
       float pivot;
       bool summed = false;  // s1, s2, pivot already hold this slice's sums
@@ -439,8 +442,11 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
         summed = fuse && i + 1 < end;
         if (summed) {
           const T* next = xp + off + len;
+          const int64_t n1 = (i + 1) / G, c1 = ((i + 1) % G) * cpg;
+          const Affine a1{nullptr, nullptr, sp ? sp + n1 * C + c1 : nullptr};
           pivot = to_float(next[0]);
-          out.rows_sums(xp + off, yp + off, cpg, HW, center, scale, offset, next, pivot, &s1, &s2,
+          for (int64_t c = 0; c < cpg; ++c) next_off[c] = sp ? offset_to_v(a1, c, pivot) : -pivot;
+          out.rows_sums(xp + off, yp + off, cpg, HW, center, scale, offset, next, next_off, sp != nullptr, &s1, &s2,
                         i + 2 < end ? len * int64_t(sizeof(T)) : 0);
         } else if (HW < 16) {
           out.pixels(xp + off, yp + off, len, 1, len, center, scale, offset, 0);
