@@ -252,6 +252,15 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
 // depend on a template parameter, and the AVX512_BF16 stores only inline into functions whose
 // target includes avx512bf16.
 #define GN_OUTPUT_KERNELS(TARGET, SUFFIX, OUT16, OUT32)                                                        \
+  /* 32 contiguous values of a row with its parameters vc, vs, vo */                                          \
+  template <typename T, bool Act>                                                                              \
+  TARGET inline void row_out32_##SUFFIX(const T* x, T* y, __m512 vc, __m512 vs, __m512 vo) {                   \
+    constexpr bool precise = std::is_same_v<T, float>;                                                         \
+    __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x), vc), vs, vo);                                        \
+    __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + 16), vc), vs, vo);                                   \
+    if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                          \
+    OUT32(y, z0, z1);                                                                                          \
+  }                                                                                                            \
   template <typename T, bool Act>                                                                              \
   TARGET void rows_out_##SUFFIX(const T* x, T* y, int64_t rows, int64_t len, const float* center,               \
                                 const float* scale, const float* offset, int64_t ahead) {                      \
@@ -261,10 +270,7 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
       int64_t i = 0;                                                                                           \
       for (; i + 32 <= len; i += 32) {                                                                         \
         if (ahead) prefetch_next(x + i, ahead);                                                                \
-        __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + i), vc), vs, vo);                                \
-        __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + i + 16), vc), vs, vo);                           \
-        if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                      \
-        OUT32(y + i, z0, z1);                                                                                  \
+        row_out32_##SUFFIX<T, Act>(x + i, y + i, vc, vs, vo);                                                  \
       }                                                                                                        \
       for (; i < len; i += 16) {                                                                               \
         const __mmask16 m = tail_mask(len - i);                                                                \
@@ -282,7 +288,6 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
                                      const float* scale, const float* offset, const T* next,                   \
                                      const float* next_off, bool per_row, double* s1, double* s2,              \
                                      int64_t ahead) {                                                          \
-    constexpr bool precise = std::is_same_v<T, float>;                                                         \
     const __m512d zd = _mm512_setzero_pd();                                                                    \
     LaneSums total{zd, zd, zd, zd};                                                                            \
     __m512 a1 = _mm512_setzero_ps(), a2 = a1, b1 = a1, b2 = a1;                                                \
@@ -301,10 +306,7 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
           flush_sums(total, _mm512_add_ps(a1, b1), _mm512_add_ps(a2, b2));                                     \
           a1 = a2 = b1 = b2 = _mm512_setzero_ps();                                                             \
         }                                                                                                      \
-        __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + k), vc), vs, vo);                                \
-        __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + k + 16), vc), vs, vo);                           \
-        if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                      \
-        OUT32(y + k, z0, z1);                                                                                  \
+        row_out32_##SUFFIX<T, Act>(x + k, y + k, vc, vs, vo);                                                  \
       }                                                                                                        \
     }                                                                                                          \
     *s1 = lane_total(total.a_lo, total.a_hi), *s2 = lane_total(total.b_lo, total.b_hi);                        \
