@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <type_traits>
 #include <utility>
@@ -29,6 +30,62 @@ namespace {
 using at::Tensor;
 
 inline float silu(float z) { return z / (1.f + std::exp(-z)); }
+
+// Tasks [0, tasks) shared by the threads: each owns an equal contiguous range and runs it front to
+// back a chunk at a time (about 8 chunks a thread); a thread done with its own range takes chunks
+// from the back of the others'. So a thread that starts late (an OpenMP worker asleep under
+// OMP_WAIT_POLICY=PASSIVE takes ~50 us to wake here) or runs slowly (a busy neighbour on its core)
+// ends up with less work, while an owner still reads its range as one stream.
+// fn(begin, end, extend): run tasks [begin, end); extend(end) claims the owner's next chunk, which
+// starts at end, and returns the new end (unchanged when there is none, or for a taken chunk).
+// Callers' results must not depend on which thread runs which task.
+class TaskRanges {
+ public:
+  TaskRanges(int64_t tasks, int64_t owners)
+      : ranges_(owners), chunk_(std::max<int64_t>(1, tasks / (8 * owners))) {
+    TORCH_CHECK(tasks < (int64_t(1) << 31), "group_norm_silu: too many (sample, group) tasks: ", tasks);
+    for (int64_t t = 0; t < owners; ++t) ranges_[t].v.store(pack(tasks * t / owners, tasks * (t + 1) / owners));
+  }
+  // the next chunk [begin, end) at the front (the owner) or the back (the others) of a range;
+  // begin == end when it is empty
+  std::pair<int64_t, int64_t> front(int64_t owner) { return claim(owner, true); }
+  std::pair<int64_t, int64_t> back(int64_t owner) { return claim(owner, false); }
+
+ private:
+  struct alignas(64) Range {
+    std::atomic<uint64_t> v;  // front | back << 32
+  };
+  static uint64_t pack(int64_t front, int64_t back) { return uint64_t(front) | uint64_t(back) << 32; }
+  std::pair<int64_t, int64_t> claim(int64_t owner, bool at_front) {
+    std::atomic<uint64_t>& r = ranges_[owner].v;
+    uint64_t now = r.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t f = int64_t(now & 0xffffffffu), b = int64_t(now >> 32);
+      if (f >= b) return {f, f};
+      const int64_t cut = at_front ? std::min(b, f + chunk_) : std::max(f, b - chunk_);
+      if (r.compare_exchange_weak(now, at_front ? pack(cut, b) : pack(f, cut), std::memory_order_relaxed))
+        return at_front ? std::make_pair(f, cut) : std::make_pair(cut, b);
+    }
+  }
+  std::vector<Range> ranges_;
+  int64_t chunk_;
+};
+
+template <typename F>
+void parallel_chunks(int64_t tasks, const F& fn) {
+  const int64_t threads = at::get_num_threads();
+  TaskRanges ranges(tasks, threads);
+  const auto unchanged = [](int64_t end) { return end; };
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    for (int64_t own = first; own < last; ++own) {
+      const auto [begin, end] = ranges.front(own);
+      if (begin < end) fn(begin, end, [&](int64_t e) { const auto next = ranges.front(own); return next.first < next.second ? next.second : e; });
+    }
+    for (int64_t k = 1; k < threads; ++k)
+      for (auto c = ranges.back((first + k) % threads); c.first < c.second; c = ranges.back((first + k) % threads))
+        fn(c.first, c.second, unchanged);
+  });
+}
 
 struct Affine {  // per-channel fp32 parameters, any of them may be null
   const float* weight;
@@ -415,7 +472,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
     // 32-element vectors), it also sums the thread's next slice, which lies right after this one:
     // the output pass is compute-bound and hides the next slice's memory reads.
     const bool fuse = out.rows_sums && HW % 32 == 0;
-    at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+    parallel_chunks(N * G, [&](int64_t begin, int64_t end, const auto& extend) {
       // Parameters per channel, or below 16 elements a row per element: the slice's output then
       // runs as one row instead of one masked vector per channel.
       const int64_t len = cpg * HW, count = HW < 16 ? len : cpg, per = HW < 16 ? HW : 1;
@@ -426,6 +483,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
       float pivot;
       bool summed = false;  // s1, s2, pivot already hold this slice's sums
       for (int64_t i = begin; i < end; ++i) {
+        if (i + 2 >= end) end = extend(end);  // keep the owner's stream going: fused sums, prefetch
         const int64_t n = i / G, c0 = (i % G) * cpg, off = (n * C + c0) * HW;
         const Affine a{wp ? wp + c0 : nullptr, bp ? bp + c0 : nullptr, sp ? sp + n * C + c0 : nullptr};
         if (!summed) {
