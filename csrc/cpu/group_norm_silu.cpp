@@ -532,13 +532,14 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   }
   const int64_t cb = C / blocks, gpb = G / blocks;
   auto slice_at = [&](int64_t t) { return (t / blocks) * HW * C + (t % blocks) * cb; };  // task t's first element
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(N * blocks, [&](int64_t begin, int64_t end, const auto& extend) {
     std::vector<double> sums(2 * cb);
     std::vector<float> params(5 * cb);
     double *s1 = sums.data(), *s2 = s1 + cb;
     float *pivot = params.data(), *pivot_s = pivot + cb, *center = pivot_s + cb, *scale = center + cb,
           *offset = scale + cb;
     for (int64_t t = begin; t < end; ++t) {
+      if (t + 1 >= end) end = extend(end);  // the next slice to prefetch
       const int64_t n = t / blocks, c0 = (t % blocks) * cb, start = slice_at(t);
       const T* xs = xp + start;
       T* ys = yp + start;
@@ -900,7 +901,7 @@ void backward_avx512(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
     blocks = k;
   }
   const int64_t cb = C / blocks, nvec = (cb + 15) / 16;
-  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_chunks(N * blocks, [&](int64_t begin, int64_t end, const auto& extend) {
     std::vector<float> scratch(Act ? nvec * 16 * HW : 0), params(7 * 16 * nvec);
     std::vector<double> sums(2 * 16 * nvec);
     for (int64_t t = begin; t < end; ++t)
