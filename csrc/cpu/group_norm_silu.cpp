@@ -882,7 +882,7 @@ void backward_avx512(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
   T* dxp = reinterpret_cast<T*>(dx_t.data_ptr());
 
   if (!is_channels_last(x_t)) {
-    at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+    parallel_chunks(N * G, [&](int64_t begin, int64_t end, const auto&) {
       std::vector<float> scratch(Act ? cpg * HW + 16 : 0);
       for (int64_t i = begin; i < end; ++i) bwd_task_nchw<T, Act>(A, xp, dyp, dxp, i, scratch.data());
     });
@@ -901,7 +901,7 @@ void backward_avx512(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
     blocks = k;
   }
   const int64_t cb = C / blocks, nvec = (cb + 15) / 16;
-  parallel_chunks(N * blocks, [&](int64_t begin, int64_t end, const auto& extend) {
+  parallel_chunks(N * blocks, [&](int64_t begin, int64_t end, const auto&) {
     std::vector<float> scratch(Act ? nvec * 16 * HW : 0), params(7 * 16 * nvec);
     std::vector<double> sums(2 * 16 * nvec);
     for (int64_t t = begin; t < end; ++t)
