@@ -1,7 +1,8 @@
 // CPU kernels of group_norm_silu: y = [silu](group_norm(x + shift) * weight + bias).
 //
 // Forward: per (sample, group) for NCHW, per (sample, block of groups) for channels_last, in
-// parallel with at::parallel_for. Statistics are fp32 lane sums of (x - pivot), combined in fp64
+// parallel (parallel_chunks: each thread runs its own range, idle ones take from the others').
+// Statistics are fp32 lane sums of (x - pivot), combined in fp64
 // (the pivot, an element of the same group (NCHW) or channel (channels_last), keeps E[x^2] -
 // E[x]^2 from cancelling). Each task reads its slice twice (statistics, then output), the second
 // time from cache; in NCHW the output loop also sums the thread's next slice. AVX-512 where the
