@@ -44,7 +44,7 @@ class TaskRanges {
  public:
   TaskRanges(int64_t tasks, int64_t owners)
       : ranges_(owners), chunk_(std::max<int64_t>(1, tasks / (8 * owners))) {
-    TORCH_CHECK(tasks < (int64_t(1) << 31), "group_norm_silu: too many (sample, group) tasks: ", tasks);
+    TORCH_CHECK(tasks < (int64_t(1) << 31), "group_norm_silu: too many tasks to share out: ", tasks);
     for (int64_t t = 0; t < owners; ++t) ranges_[t].v.store(pack(tasks * t / owners, tasks * (t + 1) / owners));
   }
   // the next chunk [begin, end) at the front (the owner) or the back (the others) of a range;
@@ -79,12 +79,17 @@ void parallel_chunks(int64_t tasks, const F& fn) {
   const auto unchanged = [](int64_t end) { return end; };
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
     for (int64_t own = first; own < last; ++own) {
+      const auto extend = [&](int64_t end) {
+        const auto [begin, next_end] = ranges.front(own);  // begin == end: only the owner moves the front
+        return begin < next_end ? next_end : end;
+      };
       const auto [begin, end] = ranges.front(own);
-      if (begin < end) fn(begin, end, [&](int64_t e) { const auto next = ranges.front(own); return next.first < next.second ? next.second : e; });
+      if (begin < end) fn(begin, end, extend);
     }
-    for (int64_t k = 1; k < threads; ++k)
-      for (auto c = ranges.back((first + k) % threads); c.first < c.second; c = ranges.back((first + k) % threads))
-        fn(c.first, c.second, unchanged);
+    for (int64_t k = 1; k < threads; ++k) {
+      const int64_t other = (first + k) % threads;
+      for (auto c = ranges.back(other); c.first < c.second; c = ranges.back(other)) fn(c.first, c.second, unchanged);
+    }
   });
 }
 
