@@ -23,15 +23,17 @@ from conftest import TINY, assert_user_error
 from ddpm_perf.cli import main
 from ddpm_perf.errors import UserError
 from ddpm_perf.model.unet import AttnBlock, NormAct, UNet
-from ddpm_perf_plugins.patch_parallel import check_geometry
+from ddpm_perf_plugins.patch_parallel import check_geometry, unit_rows
 
 SAMPLE = ["sample", "--num-images", "3", "--batch-size", "2", "--sampler", "ddim", "--eta", "1", "--no-progress"]
 
 
-def torchrun(n: int, args: list[str], cwd, script=None, **env) -> subprocess.CompletedProcess:
+def torchrun(n: int, args: list[str], cwd, script=None, launcher: tuple[str, ...] = (), **env
+             ) -> subprocess.CompletedProcess:
     """``ddpm-perf args`` on n ranks, or the Python file ``script`` (which sets its own arguments)."""
     target = [str(script)] if script else ["-m", "ddpm_perf", *args]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *target]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *launcher,
+           *target]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
@@ -59,18 +61,19 @@ def test_every_mode_equals_one_process_while_exact(tiny_checkpoint, tmp_path, ra
     """sync is exact at every step; displaced and pcpp are exact through their warm-up steps."""
     args = [*SAMPLE, "--checkpoint", str(tiny_checkpoint), "--steps", "3"]
     reference = one_process(args, tmp_path)
-    for spec in ("mode=sync", "mode=displaced,warmup=2", "mode=pcpp,warmup=2"):
+    for spec in ("mode=sync", "mode=displaced,warmup=2", "mode=pcpp,warmup=2", "mode=sync,whole_at=4"):
         samples, _ = bands(ranks, args, spec, tmp_path)
         np.testing.assert_allclose(samples, reference, rtol=0, atol=1e-4, err_msg=spec)
 
 
+@pytest.mark.parametrize("whole_at", [0, 4])
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_displaced_steps_use_stale_data_and_count_their_bytes(tiny_checkpoint, tmp_path, ranks):
+def test_displaced_steps_use_stale_data_and_count_their_bytes(tiny_checkpoint, tmp_path, ranks, whole_at):
     args = [*SAMPLE, "--checkpoint", str(tiny_checkpoint), "--steps", "4", "--num-images", "2"]  # one batch of 2
     reference = one_process(args, tmp_path)
-    expected = expected_bytes(ranks, batch=2)
+    expected = expected_bytes(ranks, batch=2, whole_at=whole_at)
     for mode in ("sync", "displaced", "pcpp"):
-        samples, sent = bands(ranks, args, f"mode={mode},warmup=1", tmp_path)
+        samples, sent = bands(ranks, args, f"mode={mode},warmup=1,whole_at={whole_at}", tmp_path)
         deviation = np.abs(samples - reference).max()
         assert np.isfinite(samples).all()
         if mode == "sync":
@@ -79,21 +82,40 @@ def test_displaced_steps_use_stale_data_and_count_their_bytes(tiny_checkpoint, t
             assert deviation > 1e-3, mode
         # Steps 0-1 are exact, 2-3 displaced: the counts are the mean of the two kinds of step.
         # Exact steps send as sync does, except displaced's halos (DistriFusion's all-gather).
-        for kind in ("halo", "norm", "attention", "output"):
+        for kind in ("halo", "norm", "attention", "gather", "output"):
             exact, displaced = expected["displaced" if mode == "displaced" else "sync"][kind], expected[mode][kind]
             assert sent[kind] == pytest.approx((exact + displaced) / 2 / 1024, abs=0.06), (mode, kind)
+    if whole_at:  # the whole levels exchange nothing: fewer halo, norm and attention bytes
+        split = expected_bytes(ranks, batch=2)["displaced"]
+        assert expected["displaced"]["gather"] > 0
+        assert all(expected["displaced"][k] < split[k] for k in ("halo", "norm", "attention"))
 
 
-def expected_bytes(ranks: int, batch: int) -> dict[str, dict[str, float]]:
+def expected_bytes(ranks: int, batch: int, whole_at: int = 0) -> dict[str, dict[str, float]]:
     """Bytes each rank sends per step (mean over ranks), counted from the layer shapes of one
-    full-image forward: the accounting the plugin must reproduce."""
+    full-image forward: the accounting the plugin must reproduce. With ``whole_at``, the units
+    of at most that many rows exchange nothing, the Downsample into them gathers its output and
+    the Upsample out of them needs no halo."""
     model = UNet(TINY).eval()
-    shapes: dict[str, list] = {"conv": [], "down": [], "norm": [], "attn": []}
+    shapes: dict[str, list] = {"conv": [], "down": [], "norm": [], "attn": [], "gather": []}
+
+    def place(name: str) -> str:  # split, whole, into or out of the whole levels
+        if not whole_at or not name.startswith("blocks."):
+            return "split"
+        rows_in, rows_out = unit_rows(name.split(".")[1], TINY)
+        return {(True, True): "whole", (False, True): "into", (True, False): "out"}.get(
+            (rows_in <= whole_at, rows_out <= whole_at), "split")
+
     hooks = []
     for name, module in model.named_modules():
+        where = place(name)
+        if where in ("whole", "out"):
+            continue
         if isinstance(module, torch.nn.Conv2d) and module.kernel_size[0] > 1 and name != "conv_in":
             kind = "down" if module.stride[0] == 2 else "conv"
             hooks.append(module.register_forward_hook(lambda m, i, o, k=kind: shapes[k].append(i[0].shape)))
+            if where == "into":
+                hooks.append(module.register_forward_hook(lambda m, i, o: shapes["gather"].append(o.shape)))
         elif isinstance(module, NormAct):
             hooks.append(module.register_forward_hook(lambda m, i, o: shapes["norm"].append(m.num_groups)))
         elif isinstance(module, AttnBlock):
@@ -108,9 +130,10 @@ def expected_bytes(ranks: int, batch: int) -> dict[str, dict[str, float]]:
     norm = sum((n - 1) * 2 * batch * g * f for g in shapes["norm"])  # mean and variance, all-gathered
     kv = [s[0] * (s[2] // n) * s[3] * 2 * s[1] * f for s in shapes["attn"]]  # this band's keys and values
     near = [s[0] * int(0.3 * (s[2] // n) * s[3]) * 2 * s[1] * f for s in shapes["attn"]]
+    gather = sum((n - 1) * s[0] * s[1] * (s[2] // n) * s[3] * f for s in shapes["gather"])  # this band's rows
     out = (n - 1) * batch * TINY.out_channels * TINY.image_size ** 2 // n * f
     sync = {"halo": neighbours * sum(row) + (n - 1) / n * sum(down_row), "norm": norm,
-            "attention": (n - 1) * sum(kv), "output": out}
+            "attention": (n - 1) * sum(kv), "gather": gather, "output": out}
     displaced = {**sync, "halo": (n - 1) * (2 * sum(row) + sum(down_row))}  # both boundaries to all
     pcpp = {**sync, "attention": neighbours * sum(near)}
     return {"sync": sync, "displaced": displaced, "pcpp": pcpp}
@@ -141,6 +164,16 @@ def test_bad_input_is_a_one_line_error(tiny_checkpoint, tmp_path):
         with pytest.raises(UserError, match=re.escape(fragment)):
             check_geometry(TINY, world)
     check_geometry(TINY, 4)
+    # whole_at: only the levels still split into bands count
+    with pytest.raises(UserError, match=re.escape("lowest split resolution has 8 rows; use at most 8 ranks")):
+        check_geometry(TINY, 16, whole_at=4)
+    with pytest.raises(UserError, match=re.escape("2^downsamplings split = 3 x 2")):
+        check_geometry(TINY, 3, whole_at=4)
+    check_geometry(TINY, 8, whole_at=4)
+    with pytest.raises(UserError, match=re.escape("whole_at=16 leaves nothing of the 16px model to split")):
+        check_geometry(TINY, 2, whole_at=16)
+    result = CliRunner().invoke(main, [*SAMPLE, "--plugins", "patch_parallel(whole_at=-1)"])
+    assert_user_error(result, "whole_at=-1 must be at least 0")
 
 
 def test_bad_geometry_under_torchrun_is_one_line_on_every_rank(tiny_checkpoint, tmp_path):
@@ -177,7 +210,10 @@ def test_a_rank_that_dies_stops_the_others(tiny_checkpoint, tmp_path):
         "engine.SamplingEngine._sample_batch = dying\n"
         f"sys.argv = ['ddpm-perf', *{[*SAMPLE, '--checkpoint', str(tiny_checkpoint), '--steps', '2']!r},"
         " '--plugins', 'patch_parallel', '--out', 'x.png']\nmain()\n")
-    result = torchrun(2, [], tmp_path, script=script, DDPM_PERF_DIST_TIMEOUT_MIN="1")
+    # torchrun stops the other workers once it sees one fail; checking every 5 s (not 0.1) leaves
+    # rank 0 the time to notice on its own, as it must when the ranks run on separate machines.
+    result = torchrun(2, [], tmp_path, script=script, launcher=("--monitor-interval", "5"),
+                      DDPM_PERF_DIST_TIMEOUT_MIN="1")
     assert result.returncode != 0
     assert re.search(r"ddpm-perf: error: rank 0 of 2: another rank died or stopped answering \(.*\); "
                      r"that rank's output says why", result.stderr), result.stderr[-3000:]
@@ -249,6 +285,25 @@ def test_layers_it_cannot_split_are_refused_not_computed_on_a_band():
     odd.blocks["mid_res0"].norm1 = torch.nn.BatchNorm2d(odd.blocks["mid_res0"].norm1.num_channels)
     with pytest.raises(UserError, match="cannot split BatchNorm2d layers"):
         split_into_bands(odd, bands)
+
+
+def test_whole_levels_keep_their_layers():
+    """whole_at=4 on the 16 px tiny model: the 4 px units run as they are, the Downsample into
+    them gathers the bands, the Upsample out of them cuts this rank's band again."""
+    from ddpm_perf_plugins.patch_parallel import split_into_bands
+    from ddpm_perf_plugins.patch_parallel.layers import Bands
+
+    model = split_into_bands(UNet(TINY).eval(), Bands(exchange=None, mode="sync", warmup=0, portion=0.3), whole_at=4)
+    kinds = {name: type(block).__name__ for name, block in model.blocks.items()}
+    assert kinds["down1_downsample"] == "WholeRows" and kinds["up2_upsample"] == "BandUpsample"
+    for name, block in model.blocks.items():
+        rows_in, rows_out = unit_rows(name, TINY)
+        bands = {type(m).__name__ for m in block.modules()} & {"BandNorm", "HaloConv2d", "BandAttention"}
+        if max(rows_in, rows_out) <= 4:
+            assert not bands, name
+        elif min(rows_in, rows_out) > 4:
+            assert bands, name
+    assert unit_rows("mid_attn", TINY) == (4, 4) and unit_rows("down0_downsample", TINY) == (16, 8)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

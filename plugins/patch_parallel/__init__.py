@@ -18,6 +18,8 @@ Launch: ``torchrun --standalone --nproc_per_node N -m ddpm_perf sample --plugins
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -26,25 +28,54 @@ from ddpm_perf.distributed import DEFAULT_TIMEOUT
 from ddpm_perf.errors import UserError
 from ddpm_perf.hooks import hookimpl
 from ddpm_perf.model.config import UNetConfig
-from ddpm_perf.model.unet import AttnBlock, Downsample, NormAct, UNet
+from ddpm_perf.model.unet import AttnBlock, Downsample, NormAct, UNet, Upsample
 from ddpm_perf.plugins import Option, Phase, Plugin
 
 from .exchange import KINDS, Exchange
-from .layers import BandAttention, BandDownsample, BandInput, Bands, BandNorm, HaloConv2d
+from .layers import BandAttention, BandDownsample, BandInput, Bands, BandNorm, BandUpsample, HaloConv2d, WholeRows
 
 
 # Layers that work on a band as they are: pointwise in space (1x1 convs are checked apart).
 ROW_LOCAL = (nn.Linear, nn.SiLU, nn.Dropout, nn.Identity)
 
 
-def split_into_bands(model: UNet, bands: Bands) -> UNet:
+def unit_rows(name: str, config: UNetConfig) -> tuple[int, int]:
+    """Rows of the input and the output of the U-Net unit ``name`` (down<L>_*, mid_*, up<L>_*)."""
+    level = config.num_levels - 1 if name.startswith("mid_") else int(re.match(r"(?:down|up)(\d+)_", name)[1])
+    rows = config.image_size >> level
+    return rows, rows // 2 if name.endswith("_downsample") else rows * 2 if name.endswith("_upsample") else rows
+
+
+def split_into_bands(model: UNet, bands: Bands, whole_at: int = 0) -> UNet:
     """Replace, in place, every layer that looks across rows by its band version. Any other
     layer must be known to work on a band as it is; an unknown one (another plugin's) is refused
-    rather than silently computed on the band alone."""
+    rather than silently computed on the band alone.
+
+    Units whose input and output have at most ``whole_at`` rows run on the whole image on every
+    rank, as they are: the Downsample into them all-gathers the bands' rows (``WholeRows``), and
+    the Upsample out of them cuts this rank's band again (``BandUpsample``)."""
     layer = iter(range(1 << 30))  # ids in module order: the same on every rank
+
+    def whole_level(name: str, child: nn.Module) -> nn.Module | None:
+        """None to split ``child`` as usual; itself to leave it whole; else its transition layer."""
+        rows_in, rows_out = unit_rows(name, model.config)
+        if rows_in > whole_at and rows_out > whole_at:
+            return None
+        if rows_in <= whole_at and rows_out <= whole_at:
+            return child
+        if type(child) is Downsample:
+            return WholeRows(BandDownsample(child, bands, next(layer)), bands, next(layer))
+        if type(child) is Upsample:
+            return BandUpsample(child, bands)
+        raise UserError(f"plugin patch_parallel: cannot change resolution in {name} ({type(child).__name__})")
 
     def rewrite(parent: nn.Module) -> None:
         for name, child in parent.named_children():
+            whole = whole_level(name, child) if whole_at and parent is model.blocks else None
+            if whole is not None:
+                if whole is not child:
+                    setattr(parent, name, whole)
+                continue
             if parent is model and name == "conv_in":
                 new = BandInput(child, bands)
             elif type(child) is AttnBlock:
@@ -73,16 +104,21 @@ def split_into_bands(model: UNet, bands: Bands) -> UNet:
     return model
 
 
-def check_geometry(config: UNetConfig, world: int) -> None:
-    """Every rank needs a whole band at every resolution, down to the lowest."""
-    bottleneck = config.image_size // config.downsample_factor
-    if world > bottleneck:
-        raise UserError(f"plugin patch_parallel: {world} ranks but the {config.image_size}px model's lowest "
-                        f"resolution has {bottleneck} rows; use at most {bottleneck} ranks")
-    if bottleneck % world:
+def check_geometry(config: UNetConfig, world: int, whole_at: int = 0) -> None:
+    """Every rank needs a whole band at every resolution split into bands, down to the lowest."""
+    if whole_at >= config.image_size:
+        raise UserError(f"plugin patch_parallel: whole_at={whole_at} leaves nothing of the {config.image_size}px "
+                        f"model to split; use less than {config.image_size}")
+    factor = next(f for f in (2 ** k for k in range(config.num_levels - 1, -1, -1))
+                  if config.image_size // f > whole_at)
+    lowest, which = config.image_size // factor, "lowest" if factor == config.downsample_factor else "lowest split"
+    if world > lowest:
+        raise UserError(f"plugin patch_parallel: {world} ranks but the {config.image_size}px model's {which} "
+                        f"resolution has {lowest} rows; use at most {lowest} ranks")
+    if lowest % world:
         raise UserError(f"plugin patch_parallel: image height {config.image_size} must be divisible by ranks x "
-                        f"2^downsamplings = {world} x {config.downsample_factor}; use a number of ranks "
-                        f"dividing {bottleneck}")
+                        f"2^downsamplings{' split' if which != 'lowest' else ''} = {world} x {factor}; use a number "
+                        f"of ranks dividing {lowest}")
 
 
 class PatchParallel(Plugin):
@@ -95,6 +131,8 @@ class PatchParallel(Plugin):
         "warmup": Option(int, 4, "displaced, pcpp: steps 0..warmup are exact"),
         "portion": Option(float, 0.3, "pcpp: fraction of each neighbour's positions that attention sees"),
         "bucket_mib": Option(float, 1.0, "displaced, pcpp: data queued before an asynchronous send"),
+        "whole_at": Option(int, 0, "levels of at most this many rows run on the whole image on every rank "
+                           "(0: every level split)"),
     }
     # Each of these replaces the norm, attention or conv layers with its own (that see the whole image,
     # or a slice of the channels), or compiles or captures the step with its collectives inside.
@@ -107,6 +145,8 @@ class PatchParallel(Plugin):
             raise UserError(f"plugin patch_parallel: warmup={o.warmup} must be at least 0 (step 0 is always exact)")
         if not 0 <= o.portion <= 1:
             raise UserError(f"plugin patch_parallel: portion={o.portion} must be in [0, 1]")
+        if o.whole_at < 0:
+            raise UserError(f"plugin patch_parallel: whole_at={o.whole_at} must be at least 0")
         if o.bucket_mib <= 0:
             raise UserError(f"plugin patch_parallel: bucket_mib={o.bucket_mib} must be positive")
         self.bands: Bands | None = None
@@ -123,7 +163,7 @@ class PatchParallel(Plugin):
         if not dist.is_initialized() or dist.get_world_size() < 2:
             raise UserError("plugin patch_parallel: run it on 2 or more processes: torchrun --standalone "
                             "--nproc_per_node 2 -m ddpm_perf sample --plugins patch_parallel ...")
-        check_geometry(ctx.model_config, dist.get_world_size())
+        check_geometry(ctx.model_config, dist.get_world_size(), self.opts.whole_at)
         ctx.data_parallel = False  # every rank works on every image
 
     @hookimpl
@@ -131,7 +171,7 @@ class PatchParallel(Plugin):
         o = self.opts
         exchange = Exchange(dist.get_rank(), dist.get_world_size(), int(o.bucket_mib * 2**20), DEFAULT_TIMEOUT)
         self.bands = Bands(exchange, o.mode, o.warmup, o.portion)
-        return split_into_bands(model, self.bands)
+        return split_into_bands(model, self.bands, o.whole_at)
 
     @hookimpl
     def wrap_denoiser(self, fn, ctx):

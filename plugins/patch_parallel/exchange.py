@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-KINDS = ("halo", "norm", "attention", "output")
+KINDS = ("halo", "norm", "attention", "gather", "output")
 
 
 @dataclass

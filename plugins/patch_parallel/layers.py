@@ -126,6 +126,35 @@ class BandDownsample(nn.Module):
         return self.conv(F.pad(x, (0, 1)))
 
 
+class WholeRows(nn.Module):
+    """Where the U-Net enters the levels every rank runs on the whole image: ``inner`` (the
+    Downsample into them) on the band, then every band's rows, all-gathered now (blocking)."""
+
+    def __init__(self, inner: nn.Module, bands: Bands, layer: int):
+        super().__init__()
+        self.inner, self.bands, self.layer = inner, bands, layer
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        b = self.bands
+        band = self.inner(x, emb)
+        parts = list(b.exchange.send(Message(self.layer, "gather", to_all=band), wait=True).from_all)
+        parts[b.rank] = band
+        layout = torch.channels_last if _is_channels_last(band) else torch.contiguous_format
+        return torch.cat(parts, 2).contiguous(memory_format=layout)
+
+
+class BandUpsample(nn.Module):
+    """Where the U-Net leaves the whole-image levels: the nearest upsampling of the rows this band
+    needs, its conv on the band. The rows above and below are at hand: nothing is exchanged."""
+
+    def __init__(self, up: nn.Module, bands: Bands):
+        super().__init__()
+        self.cut = BandInput(up.conv, bands)
+
+    def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
+        return self.cut(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
 class BandNorm(nn.Module):
     """NormAct with the statistics of the whole image: each rank sends its per-(sample, group)
     mean and variance, and ``global_moments`` combines what the ranks sent.
