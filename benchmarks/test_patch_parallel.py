@@ -39,6 +39,8 @@ STEPS = 3 if SMOKE else 20
 PAIRS = 1 if SMOKE else 3  # odd: the median pair is a real pair, robust to one run slowed by a neighbour
 MODES = ("sync", "displaced", "pcpp")
 QUALITY_IMAGES, QUALITY_STEPS = (16, 5) if SMOKE else (256, 50)
+# the digits model's 4x4 level on the whole image: exact there
+QUALITY_MODES = {"displaced": "mode=displaced", "pcpp": "mode=pcpp", "displaced-whole4": "mode=displaced,whole_at=4"}
 
 
 def run(cmd: list[str], cwd, ranks: int = 1) -> str:
@@ -107,12 +109,14 @@ def test_parallel_ceiling(benchmark, tmp_path, timing):
 # At batch 1 without prepack the 3x3 convs of the 8x8 and 4x4 levels are bound by reading their
 # weights, which every rank reads in full whatever its rows; at batch 4 they are compute-bound
 # and split. "steady": displaced steps alone (warm-up 0; the median step, so the exact first step
-# and the first calls' set-up drop out), also with prepack on both sides (like for like).
+# and the first calls' set-up drop out), also with prepack on both sides (like for like), and
+# with the levels of 8 rows and fewer on the whole image (whole_at=8; the "mode" entry carries it).
 STEP_CASES = {
     **{m: (m, 1, "", False) for m in MODES},
     "displaced-batch4": ("displaced", 4, "", False),
     "displaced-steady": ("displaced", 1, "", True),
     "displaced-steady-prepack": ("displaced", 1, "prepack", True),
+    "displaced-steady-prepack-whole8": ("displaced,whole_at=8", 1, "prepack", True),
 }
 
 
@@ -197,8 +201,8 @@ def test_patch_parallel_quality(benchmark, tmp_path, timing):
     def all_modes() -> None:
         stdout = run([*args, "--out", "one.npy"], tmp_path)
         out["one"], seconds["one"] = np.load(tmp_path / "one.npy"), ms_per_step(stdout) / 1e3
-        for mode in ("displaced", "pcpp"):
-            stdout = run([*args, "--plugins", f"patch_parallel(mode={mode})", "--out", f"{mode}.npy"], tmp_path, 2)
+        for mode, spec in QUALITY_MODES.items():
+            stdout = run([*args, "--plugins", f"patch_parallel({spec})", "--out", f"{mode}.npy"], tmp_path, 2)
             out[mode], seconds[mode] = np.load(tmp_path / f"{mode}.npy"), ms_per_step(stdout) / 1e3
 
     benchmark.pedantic(all_modes, rounds=1, iterations=1)
@@ -209,7 +213,8 @@ def test_patch_parallel_quality(benchmark, tmp_path, timing):
                 shape=[QUALITY_IMAGES, 1, 16, 16], mode="sample", sampler=f"DDIM {QUALITY_STEPS}", steps=1,
                 seconds_per_step=seconds["displaced"], one_process_seconds_per_step=seconds["one"],
                 pcpp_seconds_per_step=seconds["pcpp"], fd_digits_one_process=fd["one"],
-                fd_digits_displaced=fd["displaced"], fd_digits_pcpp=fd["pcpp"], outputs_change=True)
-    for mode in ("displaced", "pcpp"):
+                fd_digits_displaced=fd["displaced"], fd_digits_pcpp=fd["pcpp"],
+                fd_digits_displaced_whole_at_4=fd["displaced-whole4"], outputs_change=True)
+    for mode in QUALITY_MODES:
         info.update({f"{mode}_{k}": v for k, v in timing.deviation(torch.from_numpy(out[mode]), ref, mode).items()})
     info.update(timing.deviation(torch.from_numpy(out["displaced"]), ref, "images (displaced, 2 ranks)"))
