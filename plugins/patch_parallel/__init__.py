@@ -13,6 +13,9 @@ all-gathered after each step, so every rank takes the same sampler step with the
   attention sees only its own band and the ``portion`` of each neighbour's positions nearest to
   it, and halos and keys/values go point to point to the two neighbours only.
 
+In every mode ``whole_at=R`` runs the levels of at most R rows on the whole image on every rank,
+exact and with nothing exchanged inside them (one all-gather on the way down into them).
+
 Launch: ``torchrun --standalone --nproc_per_node N -m ddpm_perf sample --plugins patch_parallel``.
 """
 

@@ -144,8 +144,8 @@ class WholeRows(nn.Module):
 
 
 class BandUpsample(nn.Module):
-    """Where the U-Net leaves the whole-image levels: the nearest upsampling of the rows this band
-    needs, its conv on the band. The rows above and below are at hand: nothing is exchanged."""
+    """Where the U-Net leaves the whole-image levels: the whole image upsampled (nearest), then its
+    conv on this band, with the rows above and below it at hand: nothing is exchanged."""
 
     def __init__(self, up: nn.Module, bands: Bands):
         super().__init__()
