@@ -134,7 +134,10 @@ def expected_bytes(ranks: int, batch: int, whole_at: int = 0) -> dict[str, dict[
     out = (n - 1) * batch * TINY.out_channels * TINY.image_size ** 2 // n * f
     sync = {"halo": neighbours * sum(row) + (n - 1) / n * sum(down_row), "norm": norm,
             "attention": (n - 1) * sum(kv), "gather": gather, "output": out}
-    displaced = {**sync, "halo": (n - 1) * (2 * sum(row) + sum(down_row))}  # both boundaries to all
+    # both boundaries to all; at 2 ranks each sends only the boundary its neighbour needs (except
+    # the Downsample's, one row below and none above, which goes as it is)
+    both = 1 if n == 2 else 2
+    displaced = {**sync, "halo": (n - 1) * (both * sum(row) + sum(down_row))}
     pcpp = {**sync, "attention": neighbours * sum(near)}
     return {"sync": sync, "displaced": displaced, "pcpp": pcpp}
 
