@@ -112,16 +112,15 @@ def check_geometry(config: UNetConfig, world: int, whole_at: int = 0) -> None:
     if whole_at >= config.image_size:
         raise UserError(f"plugin patch_parallel: whole_at={whole_at} leaves nothing of the {config.image_size}px "
                         f"model to split; use less than {config.image_size}")
-    factor = next(f for f in (2 ** k for k in range(config.num_levels - 1, -1, -1))
-                  if config.image_size // f > whole_at)
-    lowest, which = config.image_size // factor, "lowest" if factor == config.downsample_factor else "lowest split"
+    lowest = min(rows for rows in (config.image_size >> level for level in range(config.num_levels)) if rows > whole_at)
+    factor = config.image_size // lowest
+    split = " split" if factor < config.downsample_factor else ""  # levels below run whole
     if world > lowest:
-        raise UserError(f"plugin patch_parallel: {world} ranks but the {config.image_size}px model's {which} "
+        raise UserError(f"plugin patch_parallel: {world} ranks but the {config.image_size}px model's lowest{split} "
                         f"resolution has {lowest} rows; use at most {lowest} ranks")
     if lowest % world:
         raise UserError(f"plugin patch_parallel: image height {config.image_size} must be divisible by ranks x "
-                        f"2^downsamplings{' split' if which != 'lowest' else ''} = {world} x {factor}; use a number "
-                        f"of ranks dividing {lowest}")
+                        f"2^downsamplings{split} = {world} x {factor}; use a number of ranks dividing {lowest}")
 
 
 class PatchParallel(Plugin):
