@@ -69,9 +69,14 @@ def process_group(device: torch.device) -> Iterator[tuple[DistInfo, torch.device
     shutdown()
 
 
+class PeerLost(RuntimeError):
+    """Another rank went away while this one waited on it outside torch.distributed (a plugin's own
+    transport, such as shared memory between ranks on one machine)."""
+
+
 def is_peer_failure(error: BaseException) -> bool:
     """A collective failed because another rank went away (gloo: closed connection; any: timeout)."""
-    if isinstance(error, dist.DistError):
+    if isinstance(error, (dist.DistError, PeerLost)):
         return True
     text = str(error).lower()
     return isinstance(error, RuntimeError) and any(

@@ -36,6 +36,7 @@ from ddpm_perf.plugins import Option, Phase, Plugin
 
 from .exchange import KINDS, Exchange
 from .layers import BandAttention, BandDownsample, BandInput, Bands, BandNorm, BandUpsample, HaloConv2d, WholeRows
+from .wire import TRANSPORTS, open_wire
 
 
 # Layers that work on a band as they are: pointwise in space (1x1 convs are checked apart).
@@ -133,6 +134,8 @@ class PatchParallel(Plugin):
         "warmup": Option(int, 4, "displaced, pcpp: steps 0..warmup are exact"),
         "portion": Option(float, 0.3, "pcpp: fraction of each neighbour's positions that attention sees"),
         "bucket_mib": Option(float, 1.0, "displaced, pcpp: data queued before an asynchronous send"),
+        "transport": Option(str, "auto", "shared_memory: ranks on one machine (CPU); process_group: gloo or "
+                            "NCCL; auto: shared memory where it can", choices=TRANSPORTS),
         "whole_at": Option(int, 0, "levels of at most this many rows run on the whole image on every rank "
                            "(0: every level split)"),
     }
@@ -152,6 +155,7 @@ class PatchParallel(Plugin):
         if o.bucket_mib <= 0:
             raise UserError(f"plugin patch_parallel: bucket_mib={o.bucket_mib} must be positive")
         self.bands: Bands | None = None
+        self.why_not_shared: str | None = None  # transport=auto took the process group, for this reason
         self.steps = 0  # model evaluations since the counters were reset
 
     @classmethod
@@ -171,7 +175,12 @@ class PatchParallel(Plugin):
     @hookimpl
     def transform_model(self, model, ctx):
         o = self.opts
-        exchange = Exchange(dist.get_rank(), dist.get_world_size(), int(o.bucket_mib * 2**20), DEFAULT_TIMEOUT)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        bucket = int(o.bucket_mib * 2**20)
+        # A ring holds messages of up to half its size: four buckets, and the exact steps' messages.
+        wire, self.why_not_shared = open_wire(o.transport, rank, world, ctx.device, max(8 << 20, 4 * bucket),
+                                              DEFAULT_TIMEOUT)
+        exchange = Exchange(rank, world, wire, bucket, DEFAULT_TIMEOUT)
         self.bands = Bands(exchange, o.mode, o.warmup, o.portion)
         return split_into_bands(model, self.bands, o.whole_at)
 
@@ -182,10 +191,7 @@ class PatchParallel(Plugin):
         def denoise(x, t, plan):
             band = fn(x, t, plan).contiguous()
             exchange.flush()  # the rest of this step's displaced data goes out now
-            parts = [torch.empty_like(band) for _ in range(exchange.world_size)]
-            dist.all_gather(parts, band)
-            exchange.count("output", (exchange.world_size - 1) * band.numel() * band.element_size())
-            return torch.cat(parts, 2)
+            return torch.cat(exchange.gather(band, "output"), 2)
 
         return denoise
 
@@ -201,7 +207,11 @@ class PatchParallel(Plugin):
         if step == len(ctx.sampler.timesteps) - 1:
             self.bands.exchange.reset()  # no sends left on the wire between batches
             per_step = self.bytes_per_step()
-            line = ("patch_parallel: " + f"{self.opts.mode} on {self.bands.world_size} ranks, sent per step per rank "
+            wire = self.bands.exchange.wire.name.replace("_", " ")
+            if self.why_not_shared:
+                wire += f" (not shared memory: {self.why_not_shared})"
+            line = ("patch_parallel: " + f"{self.opts.mode} on {self.bands.world_size} ranks over {wire}, "
+                    "sent per step per rank "
                     "(mean over ranks): " + ", ".join(f"{k} {v / 2**10:.1f} KiB" for k, v in per_step.items())
                     + f"; total {sum(per_step.values()) / 2**20:.2f} MiB")
             ctx.report[:] = [r for r in ctx.report if not r.startswith("patch_parallel:")] + [line]

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .wire import Wire
+
 KINDS = ("halo", "norm", "attention", "gather", "output")
 
 
@@ -69,11 +71,11 @@ def _split(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
 
 
 class Exchange:
-    def __init__(self, rank: int, world_size: int, bucket_bytes: int = 1 << 20,
+    def __init__(self, rank: int, world_size: int, wire: Wire, bucket_bytes: int = 1 << 20,
                  timeout: datetime.timedelta | None = None):
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.wire = rank, world_size, wire
         self.bucket_bytes = bucket_bytes
-        # Asynchronous traffic gets its own group: the blocking collectives of exact layers and of
+        # Asynchronous traffic gets its own process group: the blocking collectives of exact layers and of
         # the output gather must not queue behind a bucket still on the wire.
         self.async_group = dist.new_group(backend=dist.get_backend(), timeout=timeout)
         self.sent: dict[str, int] = defaultdict(int)  # bytes this rank has sent, by kind (KINDS)
@@ -138,6 +140,13 @@ class Exchange:
         self._in_flight.clear()
         self._latest.clear()
 
+    def gather(self, tensor: Tensor, kind: str) -> list[Tensor]:
+        """Every rank's ``tensor``, indexed by rank: blocking, outside the layers' messages."""
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        self.wire.all_gather(parts, tensor).wait()
+        self.count(kind, (self.world_size - 1) * tensor.numel() * tensor.element_size())
+        return parts
+
     def count(self, kind: str, nbytes: int) -> None:
         self.sent[kind] += nbytes
 
@@ -159,7 +168,7 @@ class Exchange:
             if to_all:
                 mine = _flat(to_all)
                 flight.recv_all[dtype] = [torch.empty_like(mine) for _ in range(self.world_size)]
-                flight.works.append(dist.all_gather(flight.recv_all[dtype], mine, group=group, async_op=True))
+                flight.works.append(self.wire.all_gather(flight.recv_all[dtype], mine, group))
                 # ring all-gather: each rank's part travels to the world_size - 1 others
                 self._count(ms, "to_all", self.world_size - 1)
             # Up-going parts carry tag, down-going tag + 1: the same sequence on every rank.
@@ -176,11 +185,11 @@ class Exchange:
                 if peer is None:
                     continue
                 if send is not None:
-                    flight.works.append(dist.isend(send, peer, group=group, tag=send_tag))
+                    flight.works.append(self.wire.isend(send, peer, group, send_tag))
                     self._count(ms, part, 1)
                 if like is not None:
                     received[dtype] = torch.empty_like(like)
-                    flight.works.append(dist.irecv(received[dtype], peer, group=group, tag=recv_tag))
+                    flight.works.append(self.wire.irecv(received[dtype], peer, group, recv_tag))
         return flight
 
     def _land(self, flight: _Flight) -> dict[int, Delivery]:
