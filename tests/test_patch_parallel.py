@@ -340,24 +340,33 @@ def test_global_moments_of_the_bands():
     def grouped(x):
         return x.reshape(batch, groups, -1)
 
-    def moments(x):  # mean and variance, as the bands send them
-        return np.stack([grouped(x).mean(2).numpy(), grouped(x).var(2, correction=0).numpy()])
+    def moments(x):  # mean and 1/std, as the bands send them
+        return np.stack([grouped(x).mean(2).numpy(), grouped(x).var(2, correction=0).numpy() ** -0.5])
 
     # what a band sends: ATen's GroupNorm statistics in fp32
     np.testing.assert_allclose(_group_moments(bands[1].float(), groups).numpy(), moments(bands[1]), rtol=2e-6)
 
-    mean, var = global_moments(np.stack([moments(b) for b in bands]), moments(bands[1]), 1, exact=True)
+    def combined(ranks, own, rank):  # global_moments on flat lists, as the layer calls it
+        mean, var = global_moments([r.reshape(2, -1).tolist() for r in ranks], own.reshape(2, -1).tolist(), rank)
+        return np.reshape(mean, (batch, groups)), np.reshape(var, (batch, groups))
+
+    mean, var = combined(np.stack([moments(b) for b in bands]), moments(bands[1]), 1)
     np.testing.assert_allclose(mean, grouped(image).mean(2).numpy(), rtol=1e-12)
     np.testing.assert_allclose(var, grouped(image).var(2, correction=0).numpy(), rtol=1e-12)
 
     fresh = moments(bands[1] * 1.5 + 0.25)
-    fresh[1, 0, 0] = 1e-6  # the estimate of this group's variance comes out negative
+    fresh[1, 0, 0] = 1e3  # variance 1e-6: the estimate of this group's variance comes out negative
     stale = np.stack([moments(b) for b in bands])
-    means, second = stale[:, 0], stale[:, 1] + stale[:, 0] ** 2
+    means, second = stale[:, 0], stale[:, 1] ** -2 + stale[:, 0] ** 2
     expected_mean = means.mean(0) + fresh[0] - means[1]
-    expected_var = second.mean(0) + fresh[1] + fresh[0] ** 2 - second[1] - expected_mean ** 2
+    expected_var = second.mean(0) + fresh[1] ** -2 + fresh[0] ** 2 - second[1] - expected_mean ** 2
     assert expected_var[0, 0] < 0 and (np.delete(expected_var.ravel(), 0) > 0).all()
-    expected_var[0, 0] = fresh[1, 0, 0]
-    mean, var = global_moments(stale, fresh, 1, exact=False)
+    expected_var[0, 0] = 1e-6
+    mean, var = combined(stale, fresh, 1)
     np.testing.assert_allclose(mean, expected_mean, rtol=1e-12)
     np.testing.assert_allclose(var, expected_var, rtol=1e-12)
+
+    # a constant group (1/std = inf) has variance 0, not nan
+    stale[:, 1, 1, 2] = fresh[1, 1, 2] = np.inf
+    stale[:, 0, 1, 2] = fresh[0, 1, 2] = 5.0
+    assert combined(stale, stale[0], 0)[1][1, 2] == 0

@@ -8,6 +8,7 @@ the skip concatenations work on a band as they are.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -163,61 +164,82 @@ class BandUpsample(nn.Module):
 
 class BandNorm(nn.Module):
     """NormAct with the statistics of the whole image: each rank sends its per-(sample, group)
-    mean and variance, and ``global_moments`` combines what the ranks sent.
+    mean and 1/std, and ``global_moments`` combines what the ranks sent.
 
-    The statistics are (batch, groups) numbers, a few dozen: their arithmetic runs in numpy fp64,
-    whose calls on arrays that small cost ~1.5 us against ~5 us for a torch op."""
+    It runs ~60 times a step, each time after convolutions that have evicted the caches, where a
+    torch or numpy call on a tiny array costs 5-10 us, not 1. So the (batch, groups) arithmetic,
+    a few dozen numbers, runs as one Python loop over floats, and the per-channel scale and offset
+    come from it in one torch call."""
 
     def __init__(self, norm: NormAct, bands: Bands, layer: int):
         super().__init__()
         self.norm, self.bands, self.layer = norm, bands, layer
+        self._params: tuple[tuple, Tensor, Tensor] | None = None
 
     def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
         n, b = self.norm, self.bands
         if shift is not None:
             x = x + shift[:, :, None, None]
         batch, channels = x.shape[:2]
-        local = _group_moments(x, n.num_groups)  # (2, B, G) fp32: mean, variance
+        local = _group_moments(x, n.num_groups)  # (2, B, G) fp32: mean, 1/std
         delivery = b.exchange.send(Message(self.layer, "norm", to_all=local), wait=b.exact)
-        ranks = np.stack([part.numpy() for part in delivery.from_all]).astype(np.float64)
-        mean, var = global_moments(ranks, local.numpy().astype(np.float64), b.rank, b.exact)
-        # y = x * scale + offset per (sample, channel), then SiLU in place
-        weight = n.weight.detach().float().numpy().reshape(n.num_groups, -1)
-        bias = n.bias.detach().float().numpy().reshape(n.num_groups, -1)
-        scale = weight / np.sqrt(var + n.eps)[:, :, None]  # (B, G, C/G)
-        affine = np.stack([scale, bias - mean[:, :, None] * scale]).astype(np.float32)
-        scale_t, offset_t = torch.from_numpy(affine).to(x.dtype).view(2, batch, channels, 1, 1)
-        y = torch.addcmul(offset_t, x, scale_t)
+        sent = torch.stack(delivery.from_all).view(b.world_size, 2, -1).tolist()
+        mean, var = global_moments(sent, local.view(2, -1).tolist(), b.rank)
+        inv_std = [1.0 / math.sqrt(v + n.eps) for v in var]
+        # [scale; offset] = [0; bias] + [1/std; -mean/std] * weight, per (sample, channel)
+        per_group = torch.tensor([inv_std, [-m * s for m, s in zip(mean, inv_std)]]).view(2, batch, n.num_groups, 1)
+        base, weight = self._base_weight()
+        scale, offset = torch.addcmul(base, per_group, weight).to(x.dtype).view(2, batch, channels, 1, 1)
+        y = torch.addcmul(offset, x, scale)
         return F.silu(y, inplace=True) if n.silu else y
 
+    def _base_weight(self) -> tuple[Tensor, Tensor]:
+        """[0; bias] as (2, 1, G, C/G) and the weight as (G, C/G), fp32, made again only if they change."""
+        n = self.norm
+        key = (n.weight.data_ptr(), n.weight._version, n.bias.data_ptr(), n.bias._version)
+        if self._params is None or self._params[0] != key:
+            weight = n.weight.detach().float().view(n.num_groups, -1)
+            base = torch.stack([torch.zeros_like(weight), n.bias.detach().float().view(n.num_groups, -1)])[:, None]
+            self._params = (key, base, weight)
+        return self._params[1], self._params[2]
 
-def global_moments(ranks: np.ndarray, own: np.ndarray, rank: int, exact: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The whole image's per-(sample, group) mean and variance from every band's.
 
-    ``ranks``: (world, 2, B, G) mean and variance each rank sent, ``own``: (2, B, G) this rank's
-    now. Exact steps (equal band sizes): the mean of means, the mean of variances plus the
-    variance of means. Displaced steps use DistriFusion's corrected asynchronous GroupNorm: the
-    other ranks' stale moments plus the change of this rank's own since it sent them, falling
-    back to the local variance where the estimate comes out negative.
+def global_moments(ranks: list, own: list, rank: int) -> tuple[list[float], list[float]]:
+    """The whole image's per-(sample, group) mean and variance from every band's, as lists.
+
+    ``ranks[r]`` holds the means and the 1/stds rank r sent, ``own`` this rank's now (2 lists of
+    B * G floats). DistriFusion's corrected asynchronous GroupNorm: the mean of the bands' means
+    and second moments (the bands are equal in size), with what this rank sent replaced by its
+    own now (in an exact step they are the same, so the correction is zero). Where the variance
+    comes out negative (stale moments), the own band's variance stands in. Python floats are fp64.
     """
-    means, variances = ranks[:, 0], ranks[:, 1]
-    if exact:
-        mean = means.mean(0)
-        return mean, variances.mean(0) + ((means - mean) ** 2).mean(0)
-    second = variances + means ** 2
-    mean = means.mean(0) + own[0] - means[rank]
-    variance = second.mean(0) + (own[1] + own[0] ** 2) - second[rank] - mean ** 2
-    return mean, np.where(variance < 0, own[1], variance)
+    world = len(ranks)
+    sent_means, sent_rstds = ranks[rank]
+    mean, var = [], []
+    for i, (own_mean, own_rstd) in enumerate(zip(*own)):
+        means = second = 0.0
+        for band_means, band_rstds in ranks:
+            m = band_means[i]
+            means += m
+            second += band_rstds[i] ** -2 + m * m  # 1/std = inf (a constant group): variance 0
+        own_var = own_rstd ** -2
+        mu = means / world + own_mean - sent_means[i]
+        v = (second / world + own_var + own_mean * own_mean - (sent_rstds[i] ** -2 + sent_means[i] ** 2)
+             - mu * mu)
+        mean.append(mu)
+        var.append(v if v >= 0 else own_var)
+    return mean, var
 
 
 def _group_moments(x: Tensor, groups: int) -> Tensor:
-    """(2, B, G): per-(sample, group) mean and biased variance in fp32. ATen's GroupNorm kernel
-    computes them vectorised, ~20x faster here than torch.var_mean's Welford loop; with eps = 0
-    its rstd is exactly 1 / sqrt(var). (It also writes a normalised output we do not use.)"""
-    batch, channels = x.shape[:2]
-    _, mean, rstd = torch.ops.aten.native_group_norm(x.float(), None, None, batch, channels,
-                                                     x[0, 0].numel(), groups, 0.0)
-    return torch.stack([mean, rstd.reciprocal().square()])  # rstd = inf (a constant group) gives var = 0
+    """(2, B, G): per-(sample, group) mean and 1/std (of the biased variance) in fp32. ATen's
+    GroupNorm kernel computes them vectorised, ~20x faster here than torch.var_mean's Welford
+    loop; with eps = 0 its rstd is exactly 1 / sqrt(var). (It also writes a normalised output
+    we do not use.)"""
+    batch, channels, height, width = x.shape
+    _, mean, rstd = torch.ops.aten.native_group_norm(x if x.dtype == torch.float32 else x.float(), None, None,
+                                                     batch, channels, height * width, groups, 0.0)
+    return torch.stack([mean, rstd])
 
 
 class BandAttention(nn.Module):
