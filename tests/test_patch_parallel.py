@@ -44,14 +44,16 @@ def one_process(args: list[str], cwd) -> np.ndarray:
     return np.load(cwd / "one.npy")
 
 
-def bands(n: int, args: list[str], spec: str, cwd, others: str = "") -> tuple[np.ndarray, dict[str, float]]:
+def bands(n: int, args: list[str], spec: str, cwd, others: str = "", wire: str = "shared memory"
+          ) -> tuple[np.ndarray, dict[str, float]]:
     """Samples and bytes sent per step per rank (KiB, by kind) of an n-rank run with
-    ``patch_parallel(spec)`` and the ``others`` plugins."""
+    ``patch_parallel(spec)`` and the ``others`` plugins, whose report names ``wire``."""
     plugins = f"patch_parallel({spec})" + (f",{others}" if others else "")
     result = torchrun(n, [*args, "--plugins", plugins, "--out", "bands.npy"], cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(re.findall(r"^wrote \d+ images", result.stdout, re.M)) == 1  # rank 0 writes, alone
     report = next(line for line in result.stdout.splitlines() if line.startswith("patch_parallel:"))
+    assert f" ranks over {wire}, sent" in report, report
     sent = {kind: float(kib) for kind, kib in re.findall(r"(\w+) ([\d.]+) KiB", report)}
     return np.load(cwd / "bands.npy"), sent
 
@@ -202,8 +204,10 @@ def test_ranks_that_disagree_stop_at_start_up(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_a_rank_that_dies_stops_the_others(tiny_checkpoint, tmp_path):
-    """Rank 1 exits in the middle of sampling; rank 0 must not wait for it forever."""
+@pytest.mark.parametrize("transport", ["shared_memory", "process_group"])
+def test_a_rank_that_dies_stops_the_others(tiny_checkpoint, tmp_path, transport):
+    """Rank 1 exits in the middle of sampling; rank 0 must not wait for it forever (over shared
+    memory it watches the other process; over gloo the connection closes)."""
     script = tmp_path / "die.py"
     script.write_text(
         "import os, sys\nimport ddpm_perf.engine as engine\nfrom ddpm_perf.cli import main\n"
@@ -212,7 +216,7 @@ def test_a_rank_that_dies_stops_the_others(tiny_checkpoint, tmp_path):
         "    if os.environ['RANK'] == '1':\n        os._exit(3)\n    return step(self, *a)\n"
         "engine.SamplingEngine._sample_batch = dying\n"
         f"sys.argv = ['ddpm-perf', *{[*SAMPLE, '--checkpoint', str(tiny_checkpoint), '--steps', '2']!r},"
-        " '--plugins', 'patch_parallel', '--out', 'x.png']\nmain()\n")
+        f" '--plugins', 'patch_parallel(transport={transport})', '--out', 'x.png']\nmain()\n")
     # torchrun stops the other workers once it sees one fail; checking every 5 s (not 0.1) leaves
     # rank 0 the time to notice on its own, as it must when the ranks run on separate machines.
     result = torchrun(2, [], tmp_path, script=script, launcher=("--monitor-interval", "5"),
@@ -370,3 +374,79 @@ def test_global_moments_of_the_bands():
     stale[:, 1, 1, 2] = fresh[1, 1, 2] = np.inf
     stale[:, 0, 1, 2] = fresh[0, 1, 2] = 5.0
     assert combined(stale, stale[0], 0)[1][1, 2] == 0
+
+
+WIRE_SCRIPT = """
+import datetime, os, sys
+import torch, torch.distributed as dist
+from ddpm_perf.errors import UserError
+from ddpm_perf_plugins.patch_parallel.wire import SharedMemoryWire, open_wire
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+peer = 1 - rank
+cpu, timeout = torch.device("cpu"), datetime.timedelta(seconds=60)
+
+# a ring of 4 KiB: messages of 2 KiB and over go through the process group (gloo)
+wire, why_not = open_wire("auto", rank, world, cpu, 4096, timeout)
+assert isinstance(wire, SharedMemoryWire) and why_not is None, why_not
+
+
+def message(sender, n, i, dtype):
+    return (torch.arange(n, dtype=torch.float64) * (sender + 1) + i).to(dtype)
+
+
+sizes = [1, 3, 17, 100, 250, 700, 900, 100]  # bytes up to 3.6 KiB: wrapping, filling, over half
+dtypes = [torch.float32, torch.bfloat16, torch.float64, torch.int64]
+# every message goes out before any is waited on: 110 of them fill the 4 KiB ring many times
+# over, so each rank must land the other's while it waits for room
+works = []
+for i in range(110):
+    n, dtype = sizes[i % len(sizes)], dtypes[i % len(dtypes)]
+    gathered = [torch.empty(n, dtype=dtype) for _ in range(world)]
+    works.append(("all_gather", i, n, dtype, gathered, wire.all_gather(gathered, message(rank, n, i, dtype))))
+    received = torch.empty(n, dtype=dtype)
+    works.append(("recv", i, n, dtype, received, wire.irecv(received, peer)))
+    works.append(("send", i, n, dtype, None, wire.isend(message(rank, n, i, dtype), peer)))
+for kind, i, n, dtype, out, work in works:
+    work.wait()
+    if kind == "all_gather":
+        for sender in range(world):
+            assert torch.equal(out[sender], message(sender, n, i, dtype)), (i, sender)
+    elif kind == "recv":
+        assert torch.equal(out, message(peer, n, i, dtype)), i
+
+# no shared memory to be had: auto falls back and says why; shared_memory asked for is an error
+wire, why_not = open_wire("auto", rank, world, cpu, 4096, timeout, directory="/nonexistent")
+assert type(wire).__name__ == "ProcessGroupWire" and "cannot create /nonexistent/ddpm-perf-" in why_not, why_not
+try:
+    open_wire("shared_memory", rank, world, cpu, 4096, timeout, directory="/nonexistent")
+    raise AssertionError("no error")
+except UserError as e:
+    assert "transport=shared_memory impossible here" in str(e) and "transport=process_group" in str(e), e
+assert not [f for f in os.listdir("/dev/shm") if f.startswith("ddpm-perf-")]  # unlinked once mapped
+dist.destroy_process_group()
+print(f"rank {rank} ok")  # one write: the ranks share the pipe
+"""
+
+
+def test_shared_memory_wire_delivers_in_order_through_a_small_ring(tmp_path):
+    """Messages of several sizes and dtypes, all sent before any is landed, through a ring a
+    fraction of their total size (so both ranks wait for room and land each other's meanwhile);
+    messages over half the ring take the process group. Then the fallback when there is no
+    shared memory."""
+    script = tmp_path / "wire.py"
+    script.write_text(WIRE_SCRIPT)
+    result = torchrun(2, [], tmp_path, script=script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d ok", result.stdout)) == ["rank 0 ok", "rank 1 ok"], result.stdout
+
+
+def test_both_transports_give_the_same_images(tiny_checkpoint, tmp_path):
+    """The same data over shared memory and over gloo: bit-identical images, in the modes that
+    all-gather (displaced) and that send point to point (pcpp), at 4 ranks (interior ranks too)."""
+    args = [*SAMPLE, "--checkpoint", str(tiny_checkpoint), "--steps", "4"]
+    for mode in ("displaced", "pcpp"):
+        shared, _ = bands(4, args, f"mode={mode},warmup=1,transport=shared_memory", tmp_path)
+        gloo, _ = bands(4, args, f"mode={mode},warmup=1,transport=process_group", tmp_path, wire="process group")
+        np.testing.assert_array_equal(shared, gloo, err_msg=mode)

@@ -305,14 +305,15 @@ Wire = ProcessGroupWire | SharedMemoryWire
 
 
 def open_wire(transport: str, rank: int, world_size: int, device: torch.device, ring_bytes: int,
-              timeout: datetime.timedelta) -> tuple[Wire, str | None]:
-    """The wire ``transport`` asks for, and why shared memory was not taken when ``auto`` chose."""
+              timeout: datetime.timedelta, directory: str = "/dev/shm") -> tuple[Wire, str | None]:
+    """The wire ``transport`` asks for, and why shared memory was not taken when ``auto`` chose.
+    A collective: every rank must call it."""
     if transport == "process_group":
         return ProcessGroupWire(), None
     why_not = "the tensors live on the GPU" if device.type != "cpu" else one_machine()
     if why_not is None:
         try:
-            return SharedMemoryWire(rank, world_size, ring_bytes, timeout), None
+            return SharedMemoryWire(rank, world_size, ring_bytes, timeout, directory), None
         except OSError as e:
             why_not = str(e)
     if transport == "shared_memory":
