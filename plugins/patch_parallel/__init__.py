@@ -14,7 +14,8 @@ all-gathered after each step, so every rank takes the same sampler step with the
   it, and halos and keys/values go point to point to the two neighbours only.
 
 In every mode ``whole_at=R`` runs the levels of at most R rows on the whole image on every rank,
-exact and with nothing exchanged inside them (one all-gather on the way down into them).
+exact and with nothing exchanged inside them (one all-gather on the way down into them). Ranks on
+one machine exchange through shared memory (``transport``, wire.py).
 
 Launch: ``torchrun --standalone --nproc_per_node N -m ddpm_perf sample --plugins patch_parallel``.
 """

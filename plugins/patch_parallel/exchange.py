@@ -9,8 +9,11 @@ to point). It gets back a ``Delivery`` with the other ranks' parts:
   this step's data.
 * ``wait=False`` (displaced steps, DistriFusion): the call returns at once with the data the
   other ranks sent for this layer at the last step it ran. The fresh message is queued; full
-  buckets go out as asynchronous collectives on their own process group, so they overlap the
-  rest of the forward and the next step until a layer needs them.
+  buckets go out at once, asynchronously (over gloo: collectives on their own process group),
+  so they travel while the forward and the next step run on, until a layer needs them.
+
+The bytes move on a wire (wire.py): shared memory between ranks on one machine, else the
+process group.
 
 Every rank sends the same layers in the same order with the same shapes (equal bands), so a
 receiver knows every size without a handshake.
