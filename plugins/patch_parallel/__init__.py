@@ -178,9 +178,9 @@ class PatchParallel(Plugin):
         o = self.opts
         rank, world = dist.get_rank(), dist.get_world_size()
         bucket = int(o.bucket_mib * 2**20)
-        # A ring holds messages of up to half its size: four buckets, and the exact steps' messages.
-        wire, self.why_not_shared = open_wire(o.transport, rank, world, ctx.device, max(8 << 20, 4 * bucket),
-                                              DEFAULT_TIMEOUT)
+        # A ring holds messages of up to half its size, so two buckets; 4 ranks need 12 rings
+        # (48 MiB), less than Docker's default /dev/shm of 64 MiB.
+        wire, self.why_not_shared = open_wire(o.transport, rank, world, ctx.device, 4 * bucket, DEFAULT_TIMEOUT)
         exchange = Exchange(rank, world, wire, bucket, DEFAULT_TIMEOUT)
         self.bands = Bands(exchange, o.mode, o.warmup, o.portion)
         return split_into_bands(model, self.bands, o.whole_at)
