@@ -7,7 +7,8 @@ ranks' compute (docs/performance.md, "Where a rank's step goes"). Here a send is
 the receiver's ring buffer and a receive one copy out; nothing runs in the background.
 
 Both wires offer the three calls ``Exchange`` makes, each returning something to ``wait()`` on:
-``all_gather``, ``isend`` and ``irecv``.
+``all_gather`` (which may put ``tensor`` itself in this rank's slot of ``out``), ``isend`` and
+``irecv``.
 """
 
 from __future__ import annotations
@@ -181,7 +182,7 @@ class SharedMemoryWire:
     def all_gather(self, out: list[Tensor], tensor: Tensor, group=None):
         if self._too_big(tensor):
             return self.process_group.all_gather(out, tensor, group)
-        out[self.rank].copy_(tensor)
+        out[self.rank] = tensor  # not a copy: the exchange only reads it
         posted = [self._post(out[peer], peer) for peer in self.peers]
         for peer in self.peers:
             self._send(tensor, peer)
