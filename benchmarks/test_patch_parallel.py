@@ -121,6 +121,7 @@ STEP_CASES = {
     "displaced-steady-prepack": ("displaced", 1, "prepack", True),
     "displaced-steady-prepack-whole8": ("displaced,whole_at=8", 1, "prepack", True),
     "displaced-steady-prepack-gloo": ("displaced,transport=process_group", 1, "prepack", True),
+    "displaced-steady-prepack-batch4": ("displaced", 4, "prepack", True),
 }
 
 
