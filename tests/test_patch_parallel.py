@@ -387,6 +387,9 @@ def test_global_moments_of_the_bands():
     stale[:, 1, 1, 2] = fresh[1, 1, 2] = np.inf
     stale[:, 0, 1, 2] = fresh[0, 1, 2] = 5.0
     assert combined(stale, stale[0], 0)[1][1, 2] == 0
+    # one whose variance overflowed (1/std = 0) has variance inf, for the engine's finite check
+    stale[:, 1, 1, 2] = 0.0
+    assert combined(stale, stale[0], 0)[1][1, 2] == np.inf
 
 
 WIRE_SCRIPT = """

@@ -78,8 +78,8 @@ class Exchange:
                  timeout: datetime.timedelta | None = None):
         self.rank, self.world_size, self.wire = rank, world_size, wire
         self.bucket_bytes = bucket_bytes
-        # Asynchronous traffic gets its own process group: the blocking collectives of exact layers and of
-        # the output gather must not queue behind a bucket still on the wire.
+        # Asynchronous traffic over the process group gets a group of its own: the blocking
+        # collectives of exact layers and of the output gather must not queue behind a bucket.
         self.async_group = dist.new_group(backend=dist.get_backend(), timeout=timeout)
         self.sent: dict[str, int] = defaultdict(int)  # bytes this rank has sent, by kind (KINDS)
         self._queue: list[Message] = []

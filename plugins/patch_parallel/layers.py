@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -221,14 +220,20 @@ def global_moments(ranks: list, own: list, rank: int) -> tuple[list[float], list
         for band_means, band_rstds in ranks:
             m = band_means[i]
             means += m
-            second += band_rstds[i] ** -2 + m * m  # 1/std = inf (a constant group): variance 0
-        own_var = own_rstd ** -2
+            second += _variance(band_rstds[i]) + m * m
+        own_var = _variance(own_rstd)
         mu = means / world + own_mean - sent_means[i]
-        v = (second / world + own_var + own_mean * own_mean - (sent_rstds[i] ** -2 + sent_means[i] ** 2)
-             - mu * mu)
+        v = (second / world + own_var + own_mean * own_mean
+             - (_variance(sent_rstds[i]) + sent_means[i] * sent_means[i]) - mu * mu)
         mean.append(mu)
         var.append(v if v >= 0 else own_var)
     return mean, var
+
+
+def _variance(rstd: float) -> float:
+    """1/rstd^2: 0 for a constant group (rstd = inf); inf, not an exception, where it overflowed
+    (rstd = 0), so that the engine's finite check reports it."""
+    return 1.0 / (rstd * rstd) if rstd else math.inf
 
 
 def _group_moments(x: Tensor, groups: int) -> Tensor:
