@@ -79,6 +79,16 @@ def test_every_mode_equals_one_process_while_exact(tiny_checkpoint, tmp_path, ra
         np.testing.assert_allclose(samples, reference, rtol=0, atol=1e-4, err_msg=spec)
 
 
+def test_sync_equals_one_process_at_a_large_batch(tiny_checkpoint, tmp_path):
+    """40 images x 4 groups: BandNorm combines the statistics in tensor ops, not the Python loop."""
+    from ddpm_perf_plugins.patch_parallel.layers import LOOP_GROUPS
+
+    assert 40 * TINY.num_groups > LOOP_GROUPS
+    args = [*SAMPLE, "--checkpoint", str(tiny_checkpoint), "--steps", "2", "--num-images", "40", "--batch-size", "40"]
+    samples, _ = bands(2, args, "mode=sync", tmp_path)
+    np.testing.assert_allclose(samples, one_process(args, tmp_path), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("whole_at", [0, 4])
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_displaced_steps_use_stale_data_and_count_their_bytes(tiny_checkpoint, tmp_path, ranks, whole_at):
@@ -347,7 +357,7 @@ def test_global_moments_of_the_bands():
     """Exact steps: the moments of the whole image from its bands'. Displaced steps: the stale
     moments of every band plus the change of the own band's since (DistriFusion), the own
     variance where that estimate is negative."""
-    from ddpm_perf_plugins.patch_parallel.layers import _group_moments, global_moments
+    from ddpm_perf_plugins.patch_parallel.layers import _group_moments, global_moments, global_moments_batched
 
     torch.manual_seed(0)
     world, batch, groups = 3, 2, 4
@@ -363,8 +373,14 @@ def test_global_moments_of_the_bands():
     # what a band sends: ATen's GroupNorm statistics in fp32
     np.testing.assert_allclose(_group_moments(bands[1].float(), groups).numpy(), moments(bands[1]), rtol=2e-6)
 
-    def combined(ranks, own, rank):  # global_moments on flat lists, as the layer calls it
+    def combined(ranks, own, rank):
+        """global_moments on flat lists, as the layer calls it at small batches; the batched
+        version on tensors must agree."""
         mean, var = global_moments([r.reshape(2, -1).tolist() for r in ranks], own.reshape(2, -1).tolist(), rank)
+        batched = global_moments_batched(torch.from_numpy(np.reshape(ranks, (len(ranks), 2, -1))),
+                                         torch.from_numpy(np.reshape(own, (2, -1))), rank)
+        np.testing.assert_allclose(batched[0].numpy(), mean, rtol=1e-12)
+        np.testing.assert_allclose(batched[1].numpy(), var, rtol=1e-12)
         return np.reshape(mean, (batch, groups)), np.reshape(var, (batch, groups))
 
     mean, var = combined(np.stack([moments(b) for b in bands]), moments(bands[1]), 1)

@@ -161,14 +161,19 @@ class BandUpsample(nn.Module):
         return self.cut(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+# Up to this many (sample, group) pairs BandNorm combines the statistics in a Python loop (a few
+# calls, cheap from cold caches); above it, in fp64 tensor ops (the loop costs ~1 us a pair).
+LOOP_GROUPS = 128
+
+
 class BandNorm(nn.Module):
     """NormAct with the statistics of the whole image: each rank sends its per-(sample, group)
     mean and 1/std, and ``global_moments`` combines what the ranks sent.
 
     It runs ~60 times a step, each time after convolutions that have evicted the caches, where a
     torch or numpy call on a tiny array costs 5-10 us, not 1. So the (batch, groups) arithmetic,
-    a few dozen numbers, runs as one Python loop over floats, and the per-channel scale and offset
-    come from it in one torch call."""
+    a few dozen numbers at batch 1, runs as one Python loop over floats (in tensor ops for large
+    batches), and the per-channel scale and offset come from it in one torch call."""
 
     def __init__(self, norm: NormAct, bands: Bands, layer: int):
         super().__init__()
@@ -182,11 +187,17 @@ class BandNorm(nn.Module):
         batch, channels = x.shape[:2]
         local = _group_moments(x, n.num_groups)  # (2, B, G) fp32: mean, 1/std
         delivery = b.exchange.send(Message(self.layer, "norm", to_all=local), wait=b.exact)
-        sent = torch.stack(delivery.from_all).view(b.world_size, 2, -1).tolist()
-        mean, var = global_moments(sent, local.view(2, -1).tolist(), b.rank)
-        inv_std = [1.0 / math.sqrt(v + n.eps) for v in var]
+        sent = torch.stack(delivery.from_all).view(b.world_size, 2, -1)
+        if batch * n.num_groups <= LOOP_GROUPS:
+            mean, var = global_moments(sent.tolist(), local.view(2, -1).tolist(), b.rank)
+            inv_std = [1.0 / math.sqrt(v + n.eps) for v in var]
+            per_group = torch.tensor([inv_std, [-m * s for m, s in zip(mean, inv_std)]])
+        else:
+            mean, var = global_moments_batched(sent, local.view(2, -1), b.rank)
+            inv_std = (var + n.eps).rsqrt()
+            per_group = torch.stack([inv_std, -mean * inv_std]).float()
         # [scale; offset] = [0; bias] + [1/std; -mean/std] * weight, per (sample, channel)
-        per_group = torch.tensor([inv_std, [-m * s for m, s in zip(mean, inv_std)]]).view(2, batch, n.num_groups, 1)
+        per_group = per_group.view(2, batch, n.num_groups, 1)
         base, weight = self._base_weight()
         scale, offset = torch.addcmul(base, per_group, weight).to(x.dtype).view(2, batch, channels, 1, 1)
         y = torch.addcmul(offset, x, scale)
@@ -228,6 +239,17 @@ def global_moments(ranks: list, own: list, rank: int) -> tuple[list[float], list
         mean.append(mu)
         var.append(v if v >= 0 else own_var)
     return mean, var
+
+
+def global_moments_batched(ranks: Tensor, own: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``global_moments`` on tensors ((world, 2, B * G) and (2, B * G) fp32; fp64 out), for
+    batches whose groups are too many for a Python loop."""
+    ranks, own = ranks.double(), own.double()
+    means, own_var = ranks[:, 0], own[1].pow(-2)  # 1/std = inf gives 0, 1/std = 0 inf
+    seconds = ranks[:, 1].pow(-2) + means * means
+    mean = means.mean(0) + own[0] - means[rank]
+    variance = seconds.mean(0) + own_var + own[0] * own[0] - seconds[rank] - mean * mean
+    return mean, torch.where(variance >= 0, variance, own_var)
 
 
 def _variance(rstd: float) -> float:
