@@ -23,7 +23,7 @@ from conftest import TINY, assert_user_error
 from ddpm_perf.cli import main
 from ddpm_perf.errors import UserError
 from ddpm_perf.model.unet import AttnBlock, NormAct, UNet
-from ddpm_perf_plugins.patch_parallel import check_geometry, unit_rows
+from ddpm_perf_plugins.patch_parallel import RING_BUCKETS, PatchParallel, check_geometry, unit_rows
 
 SAMPLE = ["sample", "--num-images", "3", "--batch-size", "2", "--sampler", "ddim", "--eta", "1", "--no-progress"]
 
@@ -45,12 +45,13 @@ def one_process(args: list[str], cwd) -> np.ndarray:
 
 
 def shm_room(ranks: int) -> bool:
-    """Whether /dev/shm holds the rings of ``ranks`` ranks (4 MiB each, one per ordered pair)."""
+    """Whether /dev/shm holds the rings of ``ranks`` ranks (one per ordered pair, at the default bucket)."""
     try:
         stat = os.statvfs("/dev/shm")
     except OSError:
         return False
-    return stat.f_bavail * stat.f_frsize >= ranks * (ranks - 1) * (4 << 20)
+    ring = RING_BUCKETS * PatchParallel.options["bucket_mib"].default * 2**20
+    return stat.f_bavail * stat.f_frsize >= ranks * (ranks - 1) * ring
 
 
 def bands(n: int, args: list[str], spec: str, cwd, others: str = "", wire: str | None = None

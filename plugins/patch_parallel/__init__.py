@@ -40,6 +40,10 @@ from .layers import BandAttention, BandDownsample, BandInput, Bands, BandNorm, B
 from .wire import TRANSPORTS, open_wire
 
 
+# A shared-memory ring holds messages of up to half its size, so two buckets; at the default
+# bucket, 4 ranks need 12 rings (48 MiB), less than Docker's default /dev/shm of 64 MiB.
+RING_BUCKETS = 4
+
 # Layers that work on a band as they are: pointwise in space (1x1 convs are checked apart).
 ROW_LOCAL = (nn.Linear, nn.SiLU, nn.Dropout, nn.Identity)
 
@@ -178,9 +182,8 @@ class PatchParallel(Plugin):
         o = self.opts
         rank, world = dist.get_rank(), dist.get_world_size()
         bucket = int(o.bucket_mib * 2**20)
-        # A ring holds messages of up to half its size, so two buckets; 4 ranks need 12 rings
-        # (48 MiB), less than Docker's default /dev/shm of 64 MiB.
-        wire, self.why_not_shared = open_wire(o.transport, rank, world, ctx.device, 4 * bucket, DEFAULT_TIMEOUT)
+        wire, self.why_not_shared = open_wire(o.transport, rank, world, ctx.device, RING_BUCKETS * bucket,
+                                              DEFAULT_TIMEOUT)
         exchange = Exchange(rank, world, wire, bucket, DEFAULT_TIMEOUT)
         self.bands = Bands(exchange, o.mode, o.warmup, o.portion)
         return split_into_bands(model, self.bands, o.whole_at)
