@@ -270,7 +270,10 @@ DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t c
 //   rows_out: rows of len contiguous elements, one channel each (NCHW), per-row parameters;
 //   pixels_out: HW pixels of a block of cb channels (channels_last, pixel stride C), per-channel
 //   parameters;
-//   ahead: the distance in bytes to the next task's slice, prefetched as the pass goes (0: none).
+//   ahead (rows): the distance in bytes to the next task's slice, prefetched as the pass goes (0:
+//   none). pixels_out does not prefetch: its slices are up to 512 KiB, and bringing in the next one
+//   evicted the current slice from the 1 MiB L2 before the output pass re-read it (session 18:
+//   fp32 5-10% slower at 128x32x32 and 512x16x16 with it).
 
 template <typename T, bool Act>
 void rows_out_scalar(const T* x, T* y, int64_t rows, int64_t len, const float* center, const float* scale,
@@ -284,7 +287,7 @@ void rows_out_scalar(const T* x, T* y, int64_t rows, int64_t len, const float* c
 
 template <typename T, bool Act>
 void pixels_out_scalar(const T* x, T* y, int64_t C, int64_t HW, int64_t cb, const float* center,
-                       const float* scale, const float* offset, int64_t /*ahead*/) {
+                       const float* scale, const float* offset) {
   for (int64_t p = 0; p < HW; ++p)
     for (int64_t c = 0; c < cb; ++c) {
       const float z = (to_float(x[p * C + c]) + center[c]) * scale[c] + offset[c];
@@ -376,14 +379,13 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
   }                                                                                                            \
   template <typename T, bool Act>                                                                              \
   TARGET void pixels_out_##SUFFIX(const T* x, T* y, int64_t C, int64_t HW, int64_t cb, const float* center,    \
-                                  const float* scale, const float* offset, int64_t ahead) {                    \
+                                  const float* scale, const float* offset) {                                   \
     constexpr bool precise = std::is_same_v<T, float>;                                                         \
     for (int64_t p = 0; p < HW; ++p) {                                                                         \
       const T* xp = x + p * C;                                                                                 \
       T* yp = y + p * C;                                                                                       \
       int64_t c = 0;                                                                                           \
       for (; c + 32 <= cb; c += 32) {                                                                          \
-        if (ahead) prefetch_next(xp + c, ahead);                                                               \
         __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(xp + c), _mm512_loadu_ps(center + c)),              \
                                     _mm512_loadu_ps(scale + c), _mm512_loadu_ps(offset + c));                  \
         __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(xp + c + 16), _mm512_loadu_ps(center + c + 16)),    \
@@ -411,7 +413,7 @@ template <typename T>
 using RowsOutSums = void (*)(const T*, T*, int64_t, int64_t, const float*, const float*, const float*, const T*,
                              const float*, bool, double*, double*, int64_t);
 template <typename T>
-using PixelsOut = void (*)(const T*, T*, int64_t, int64_t, int64_t, const float*, const float*, const float*, int64_t);
+using PixelsOut = void (*)(const T*, T*, int64_t, int64_t, int64_t, const float*, const float*, const float*);
 
 template <typename T>
 struct OutputKernels {
@@ -515,7 +517,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
           out.rows_sums(xp + off, yp + off, cpg, HW, center, scale, offset, next, next_off, sp != nullptr, &s1, &s2,
                         i + 2 < end ? len * int64_t(sizeof(T)) : 0);
         } else if (HW < 16) {
-          out.pixels(xp + off, yp + off, len, 1, len, center, scale, offset, 0);
+          out.pixels(xp + off, yp + off, len, 1, len, center, scale, offset);
         } else {
           out.rows(xp + off, yp + off, cpg, HW, center, scale, offset, i + 1 < end ? len * int64_t(sizeof(T)) : 0);
         }
@@ -545,7 +547,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
     float *pivot = params.data(), *pivot_s = pivot + cb, *center = pivot_s + cb, *scale = center + cb,
           *offset = scale + cb;
     for (int64_t t = begin; t < end; ++t) {
-      if (t + 1 >= end) end = extend(end);  // the next slice to prefetch
+      if (t + 1 >= end) end = extend(end);  // the owner's next chunk
       const int64_t n = t / blocks, c0 = (t % blocks) * cb, start = slice_at(t);
       const T* xs = xp + start;
       T* ys = yp + start;
@@ -566,7 +568,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
           offset[c] = bp ? bp[c0 + c] : 0.f;
         }
       }
-      out.pixels(xs, ys, C, HW, cb, center, scale, offset, t + 1 < end ? (slice_at(t + 1) - start) * elt : 0);
+      out.pixels(xs, ys, C, HW, cb, center, scale, offset);
     }
   });
 }
