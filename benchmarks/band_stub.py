@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--bands", type=int, default=2, help="bands the image is split into (one process)")
-    parser.add_argument("--prepack", action="store_true", help="prepack every model (like for like with --plugins prepack)")
+    parser.add_argument("--prepack", action="store_true",
+                        help="prepack every model (like for like with --plugins prepack)")
     args = parser.parse_args()
     memory.keep_freed_memory()  # as the CLI does
     torch.set_num_threads(1)
@@ -100,7 +101,8 @@ def main() -> None:
         models = {f"rank {rank} band": (band_model(whole, rank, world), x)}
     else:
         rows = config.image_size // world
-        models = {"whole image": (whole, x), f"plain U-Net on {rows} rows": (copy.deepcopy(whole), x[:, :, :rows].contiguous()),
+        models = {"whole image": (whole, x),
+                  f"plain U-Net on {rows} rows": (copy.deepcopy(whole), x[:, :, :rows].contiguous()),
                   **{f"rank {r} band": (band_model(whole, r, world), x) for r in (0, world - 1)}}
     if args.prepack:
         ctx = SimpleNamespace(device=torch.device("cpu"), report=[])
