@@ -485,3 +485,41 @@ def test_both_transports_give_the_same_images(tiny_checkpoint, tmp_path):
         shared, _ = bands(4, args, f"mode={mode},warmup=1,transport=shared_memory", tmp_path)
         gloo, _ = bands(4, args, f"mode={mode},warmup=1,transport=process_group", tmp_path, wire="process group")
         np.testing.assert_array_equal(shared, gloo, err_msg=mode)
+
+
+BAND_STUB = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "band_stub.py")
+
+
+def test_band_stub_gives_every_band_layer_its_data(tiny_model):
+    """benchmarks/band_stub.py (the measurement of a rank's work without the wire): its stub
+    exchange must answer every band layer as Exchange does, so each rank's band model runs and
+    returns its band of rows."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("band_stub", BAND_STUB)
+    stub = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stub)
+    x = torch.randn(2, TINY.in_channels, TINY.image_size, TINY.image_size)
+    t = torch.tensor([3, 700])
+    with torch.inference_mode():
+        whole = tiny_model(x, t)
+    for world in (2, 4):
+        rows = TINY.image_size // world
+        for rank in range(world):
+            model = stub.band_model(tiny_model, rank, world)  # copies the parameters: not in inference mode
+            with torch.inference_mode():
+                band = model(x, t)
+            assert band.shape == (2, TINY.out_channels, rows, TINY.image_size) and band.isfinite().all()
+            assert not torch.equal(band, whole[:, :, rank * rows:(rank + 1) * rows])  # its own rows stand in
+
+
+def test_band_stub_script_runs_alone_and_ranks_in_step(tiny_checkpoint, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [BAND_STUB, "--checkpoint", str(tiny_checkpoint), "--rounds", "2", "--prepack"]
+    alone = subprocess.run([sys.executable, *common], capture_output=True, text=True, env=env, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert re.search(r"whole image [\d.]+ ms \(1\.00x\), plain U-Net on 8 rows .*rank 1 band [\d.]+ ms", alone.stdout)
+    in_step = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              *common], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert in_step.returncode == 0, in_step.stderr[-3000:]
+    assert sorted(re.findall(r"rank=(\d): rank \1 band", in_step.stdout)) == ["0", "1"], in_step.stdout
