@@ -272,8 +272,8 @@ DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t c
 //   parameters;
 //   ahead (rows): the distance in bytes to the next task's slice, prefetched as the pass goes (0:
 //   none). pixels_out does not prefetch: its slices are up to 512 KiB, and bringing in the next one
-//   evicted the current slice from the 1 MiB L2 before the output pass re-read it (session 18:
-//   fp32 5-10% slower at 128x32x32 and 512x16x16 with it).
+//   evicted the current slice from the 1 MiB L2 before the output pass re-read it (warm fp32
+//   8-17% slower at 128x32x32 and 512x16x16 with it; docs/performance.md, session 18).
 
 template <typename T, bool Act>
 void rows_out_scalar(const T* x, T* y, int64_t rows, int64_t len, const float* center, const float* scale,
