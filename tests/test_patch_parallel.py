@@ -7,6 +7,7 @@ shapes the plain U-Net's layers see.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -75,7 +76,8 @@ def test_every_mode_equals_one_process_while_exact(tiny_checkpoint, tmp_path, ra
     """sync is exact at every step; displaced and pcpp are exact through their warm-up steps."""
     args = [*SAMPLE, "--checkpoint", str(tiny_checkpoint), "--steps", "3"]
     reference = one_process(args, tmp_path)
-    for spec in ("mode=sync", "mode=displaced,warmup=2", "mode=pcpp,warmup=2", "mode=sync,whole_at=4"):
+    for spec in ("mode=sync", "mode=displaced,warmup=2", "mode=pcpp,warmup=2", "mode=sync,whole_at=4",
+                 "mode=sync,whole_at=4,share_whole=true", "mode=displaced,warmup=2,whole_at=4,share_whole=true"):
         samples, _ = bands(ranks, args, spec, tmp_path)
         np.testing.assert_allclose(samples, reference, rtol=0, atol=1e-4, err_msg=spec)
 
@@ -201,6 +203,8 @@ def test_bad_input_is_a_one_line_error(tiny_checkpoint, tmp_path):
         check_geometry(TINY, 2, whole_at=16)
     result = CliRunner().invoke(main, [*SAMPLE, "--plugins", "patch_parallel(whole_at=-1)"])
     assert_user_error(result, "whole_at=-1 must be at least 0")
+    result = CliRunner().invoke(main, [*SAMPLE, "--plugins", "patch_parallel(share_whole=true)"])
+    assert_user_error(result, "share_whole shares out the whole_at levels' convolutions; give whole_at too")
 
 
 def test_bad_geometry_under_torchrun_is_one_line_on_every_rank(tiny_checkpoint, tmp_path):
@@ -335,6 +339,34 @@ def test_whole_levels_keep_their_layers():
         elif min(rows_in, rows_out) > 4:
             assert bands, name
     assert unit_rows("mid_attn", TINY) == (4, 4) and unit_rows("down0_downsample", TINY) == (16, 8)
+
+
+def test_share_whole_gives_each_rank_its_channels_of_the_whole_levels_convs():
+    """share_whole: every conv of the whole levels becomes this rank's slice of its output
+    channels (the slices of the ranks make up the conv); the split levels keep their band layers."""
+    from ddpm_perf_plugins.patch_parallel import split_into_bands
+    from ddpm_perf_plugins.patch_parallel.layers import Bands, ChannelSplitConv
+
+    original = UNet(TINY).eval()
+    world = 4
+    shared = [split_into_bands(copy.deepcopy(original), Bands(SimpleNamespace(rank=r, world_size=world), "sync", 0,
+                                                              0.3), whole_at=4, share_whole=True) for r in range(world)]
+    for name, block in original.blocks.items():
+        convs = [n for n, m in block.named_modules() if type(m) is torch.nn.Conv2d]
+        rows_in, rows_out = unit_rows(name, TINY)
+        whole = max(rows_in, rows_out) <= 4
+        if not whole and min(rows_in, rows_out) <= 4:
+            continue  # the way into and out of the whole levels: WholeRows, BandUpsample
+        for conv in convs:
+            parts = [r.blocks[name].get_submodule(conv) for r in shared]
+            if not whole:
+                assert not any(isinstance(p, ChannelSplitConv) for p in parts), (name, conv)
+                continue
+            assert all(isinstance(p, ChannelSplitConv) for p in parts), (name, conv)
+            weight = torch.cat([p.conv.weight for p in parts])
+            torch.testing.assert_close(weight, block.get_submodule(conv).weight, rtol=0, atol=0)
+            torch.testing.assert_close(torch.cat([p.conv.bias for p in parts]), block.get_submodule(conv).bias,
+                                       rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])

@@ -36,7 +36,8 @@ from ddpm_perf.model.unet import AttnBlock, Downsample, NormAct, UNet, Upsample
 from ddpm_perf.plugins import Option, Phase, Plugin
 
 from .exchange import KINDS, Exchange
-from .layers import BandAttention, BandDownsample, BandInput, Bands, BandNorm, BandUpsample, HaloConv2d, WholeRows
+from .layers import (BandAttention, BandDownsample, BandInput, Bands, BandNorm, BandUpsample, ChannelSplitConv,
+                     HaloConv2d, WholeRows)
 from .wire import TRANSPORTS, open_wire
 
 
@@ -55,14 +56,15 @@ def unit_rows(name: str, config: UNetConfig) -> tuple[int, int]:
     return rows, rows // 2 if name.endswith("_downsample") else rows * 2 if name.endswith("_upsample") else rows
 
 
-def split_into_bands(model: UNet, bands: Bands, whole_at: int = 0) -> UNet:
+def split_into_bands(model: UNet, bands: Bands, whole_at: int = 0, share_whole: bool = False) -> UNet:
     """Replace, in place, every layer that looks across rows by its band version. Any other
     layer must be known to work on a band as it is; an unknown one (another plugin's) is refused
     rather than silently computed on the band alone.
 
     Units whose input and output have at most ``whole_at`` rows run on the whole image on every
     rank, as they are: the Downsample into them all-gathers the bands' rows (``WholeRows``), and
-    the Upsample out of them cuts this rank's band again (``BandUpsample``)."""
+    the Upsample out of them cuts this rank's band again (``BandUpsample``). With ``share_whole``
+    the ranks share out those units' convolutions by output channels (``ChannelSplitConv``)."""
     layer = iter(range(1 << 30))  # ids in module order: the same on every rank
 
     def whole_level(name: str, child: nn.Module) -> nn.Module | None:
@@ -84,6 +86,8 @@ def split_into_bands(model: UNet, bands: Bands, whole_at: int = 0) -> UNet:
             if whole is not None:
                 if whole is not child:
                     setattr(parent, name, whole)
+                elif share_whole:
+                    share_convs(child)
                 continue
             if parent is model and name == "conv_in":
                 new = BandInput(child, bands)
@@ -108,6 +112,16 @@ def split_into_bands(model: UNet, bands: Bands, whole_at: int = 0) -> UNet:
                 rewrite(child)
                 continue
             setattr(parent, name, new)
+
+    def share_convs(unit: nn.Module) -> None:
+        for name, child in unit.named_children():
+            if type(child) is nn.Conv2d:
+                if child.out_channels % bands.world_size:
+                    raise UserError(f"plugin patch_parallel: share_whole: {child.out_channels} channels of {name} "
+                                    f"do not divide among {bands.world_size} ranks")
+                setattr(unit, name, ChannelSplitConv(child, bands, next(layer)))
+            else:
+                share_convs(child)
 
     rewrite(model)
     return model
@@ -143,6 +157,8 @@ class PatchParallel(Plugin):
                             "NCCL; auto: shared memory where it can", choices=TRANSPORTS),
         "whole_at": Option(int, 0, "levels of at most this many rows run on the whole image on every rank "
                            "(0: every level split)"),
+        "share_whole": Option(bool, False, "whole_at levels: each rank computes its share of every conv's output "
+                              "channels, all-gathered after it (exact)"),
     }
     # Each of these replaces the norm, attention or conv layers with its own (that see the whole image,
     # or a slice of the channels), or compiles or captures the step with its collectives inside.
@@ -157,6 +173,9 @@ class PatchParallel(Plugin):
             raise UserError(f"plugin patch_parallel: portion={o.portion} must be in [0, 1]")
         if o.whole_at < 0:
             raise UserError(f"plugin patch_parallel: whole_at={o.whole_at} must be at least 0")
+        if o.share_whole and not o.whole_at:
+            raise UserError("plugin patch_parallel: share_whole shares out the whole_at levels' convolutions; "
+                            "give whole_at too, e.g. patch_parallel(whole_at=8,share_whole=true)")
         if o.bucket_mib <= 0:
             raise UserError(f"plugin patch_parallel: bucket_mib={o.bucket_mib} must be positive")
         self.bands: Bands | None = None
@@ -186,7 +205,7 @@ class PatchParallel(Plugin):
                                               DEFAULT_TIMEOUT)
         exchange = Exchange(rank, world, wire, bucket, DEFAULT_TIMEOUT)
         self.bands = Bands(exchange, o.mode, o.warmup, o.portion)
-        return split_into_bands(model, self.bands, o.whole_at)
+        return split_into_bands(model, self.bands, o.whole_at, o.share_whole)
 
     @hookimpl
     def wrap_denoiser(self, fn, ctx):

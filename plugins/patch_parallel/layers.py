@@ -149,6 +149,33 @@ class WholeRows(nn.Module):
         return torch.cat(parts, 2).contiguous(memory_format=layout)
 
 
+class ChannelSplitConv(nn.Module):
+    """A conv of the whole-image levels (``whole_at``) shared out by output channels: this rank
+    computes its 1/world of them, from weights sliced once, and all-gathers the rest (blocking,
+    so exact). At batch 1 those levels' convs are bound by reading their weights, which every
+    rank would otherwise read in full."""
+
+    def __init__(self, conv: nn.Conv2d, bands: Bands, layer: int):
+        super().__init__()
+        share = conv.out_channels // bands.world_size
+        first = bands.rank * share
+        self.conv = nn.Conv2d(conv.in_channels, share, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                              conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        self.conv.weight = nn.Parameter(conv.weight.detach()[first:first + share].clone(), conv.weight.requires_grad)
+        if conv.bias is not None:
+            self.conv.bias = nn.Parameter(conv.bias.detach()[first:first + share].clone(), conv.bias.requires_grad)
+        self.bands, self.layer = bands, layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.bands
+        mine = self.conv(x)
+        layout = torch.channels_last if _is_channels_last(mine) else torch.contiguous_format
+        mine = mine.contiguous(memory_format=layout)
+        parts = list(b.exchange.send(Message(self.layer, "gather", to_all=mine), wait=True).from_all)
+        parts[b.rank] = mine
+        return torch.cat(parts, 1)
+
+
 class BandUpsample(nn.Module):
     """Where the U-Net leaves the whole-image levels: the whole image upsampled (nearest), then its
     conv on this band, with the rows above and below it at hand: nothing is exchanged."""
