@@ -110,7 +110,8 @@ def test_parallel_ceiling(benchmark, tmp_path, timing):
 # weights, which every rank reads in full whatever its rows; at batch 4 they are compute-bound
 # and split. "steady": displaced steps alone (warm-up 0; the median step, so the exact first step
 # and the first calls' set-up drop out), also with prepack on both sides (like for like), and
-# with the levels of 8 rows and fewer on the whole image (whole_at=8; the "mode" entry carries it).
+# with the levels of 8 rows and fewer on the whole image (whole_at=8; the "mode" entry carries it),
+# and the 4-row level on the whole image with its convs shared out by output channels (share4).
 # The ranks run on one machine, so their data goes through shared memory; "-gloo" sends it through
 # the process group instead, as across machines.
 STEP_CASES = {
@@ -120,6 +121,7 @@ STEP_CASES = {
     "displaced-steady": ("displaced", 1, "", True),
     "displaced-steady-prepack": ("displaced", 1, "prepack", True),
     "displaced-steady-prepack-whole8": ("displaced,whole_at=8", 1, "prepack", True),
+    "displaced-steady-prepack-share4": ("displaced,whole_at=4,share_whole=true", 1, "prepack", True),
     "displaced-steady-prepack-gloo": ("displaced,transport=process_group", 1, "prepack", True),
     "displaced-steady-prepack-batch4": ("displaced", 4, "prepack", True),
 }
