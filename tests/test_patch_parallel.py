@@ -80,6 +80,9 @@ def test_every_mode_equals_one_process_while_exact(tiny_checkpoint, tmp_path, ra
                  "mode=sync,whole_at=4,share_whole=true", "mode=displaced,warmup=2,whole_at=4,share_whole=true"):
         samples, _ = bands(ranks, args, spec, tmp_path)
         np.testing.assert_allclose(samples, reference, rtol=0, atol=1e-4, err_msg=spec)
+    # shared convs on channels_last activations (the gathered parts arrive NCHW)
+    samples, _ = bands(ranks, args, "mode=sync,whole_at=4,share_whole=true", tmp_path, others="channels_last")
+    np.testing.assert_allclose(samples, reference, rtol=0, atol=1e-4)
 
 
 def test_sync_equals_one_process_at_a_large_batch(tiny_checkpoint, tmp_path):

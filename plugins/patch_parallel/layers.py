@@ -169,11 +169,10 @@ class ChannelSplitConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b = self.bands
         mine = self.conv(x)
-        layout = torch.channels_last if _is_channels_last(mine) else torch.contiguous_format
-        mine = mine.contiguous(memory_format=layout)
         parts = list(b.exchange.send(Message(self.layer, "gather", to_all=mine), wait=True).from_all)
         parts[b.rank] = mine
-        return torch.cat(parts, 1)
+        layout = torch.channels_last if _is_channels_last(mine) else torch.contiguous_format  # as WholeRows
+        return torch.cat(parts, 1).contiguous(memory_format=layout)
 
 
 class BandUpsample(nn.Module):
