@@ -30,10 +30,9 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from ddpm_perf import memory  # noqa: E402
-from ddpm_perf.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from ddpm_perf.model.checkpoint import load_checkpoint  # noqa: E402
 from ddpm_perf.model.config import CONFIGS  # noqa: E402
 from ddpm_perf.model.unet import UNet  # noqa: E402
-from ddpm_perf.diffusion.schedule import ScheduleConfig  # noqa: E402
 from ddpm_perf_plugins.patch_parallel import split_into_bands  # noqa: E402
 from ddpm_perf_plugins.patch_parallel.exchange import Delivery, Message  # noqa: E402
 from ddpm_perf_plugins.patch_parallel.layers import Bands  # noqa: E402

@@ -141,12 +141,16 @@ class WholeRows(nn.Module):
         self.inner, self.bands, self.layer = inner, bands, layer
 
     def forward(self, x: Tensor, emb: Tensor | None = None) -> Tensor:
-        b = self.bands
-        band = self.inner(x, emb)
-        parts = list(b.exchange.send(Message(self.layer, "gather", to_all=band), wait=True).from_all)
-        parts[b.rank] = band
-        layout = torch.channels_last if _is_channels_last(band) else torch.contiguous_format
-        return torch.cat(parts, 2).contiguous(memory_format=layout)
+        return _gather_whole(self.bands, self.layer, self.inner(x, emb), dim=2)
+
+
+def _gather_whole(bands: Bands, layer: int, mine: Tensor, dim: int) -> Tensor:
+    """Every rank's ``mine``, all-gathered now (blocking) and concatenated along ``dim`` in
+    ``mine``'s memory format (the received parts arrive NCHW)."""
+    parts = list(bands.exchange.send(Message(layer, "gather", to_all=mine), wait=True).from_all)
+    parts[bands.rank] = mine
+    layout = torch.channels_last if _is_channels_last(mine) else torch.contiguous_format
+    return torch.cat(parts, dim).contiguous(memory_format=layout)
 
 
 class ChannelSplitConv(nn.Module):
@@ -167,12 +171,7 @@ class ChannelSplitConv(nn.Module):
         self.bands, self.layer = bands, layer
 
     def forward(self, x: Tensor) -> Tensor:
-        b = self.bands
-        mine = self.conv(x)
-        parts = list(b.exchange.send(Message(self.layer, "gather", to_all=mine), wait=True).from_all)
-        parts[b.rank] = mine
-        layout = torch.channels_last if _is_channels_last(mine) else torch.contiguous_format  # as WholeRows
-        return torch.cat(parts, 1).contiguous(memory_format=layout)
+        return _gather_whole(self.bands, self.layer, self.conv(x), dim=1)
 
 
 class BandUpsample(nn.Module):
