@@ -50,6 +50,22 @@ def test_forward_matches_reference(n, groups, cpg, h, w, dtype, channels_last, a
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape, groups", [((2, 96, 5, 7), 4), ((1, 160, 3, 16), 8), ((2, 200, 8, 5), 8),
+                                           ((1, 512, 4, 4), 32)])
+def test_forward_matches_reference_at_wide_channels(dtype, channels_last, shape, groups):
+    """Whole blocks of 32 channels and a tail past them: the channels_last loops take a block's 32
+    values at a time, in bf16 as its even and odd channels, with their parameters reordered to
+    match (the fuzz above stays below 36 channels)."""
+    x, weight, bias, s = make(*shape, groups, dtype, channels_last, offset=3.0)
+    y, mean, rstd = kernel(x, weight, bias, s, groups, True)
+    y_ref, mean_ref, rstd_ref = reference.group_norm_silu(x, weight, bias, s, groups, 1e-5, True)
+    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    torch.testing.assert_close(mean, mean_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rstd, rstd_ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 64, 8, 8), (2, 40, 32, 33), (2, 16, 32, 32), (2, 16, 64, 80)])
 @pytest.mark.parametrize("shift", [False, True])
 def test_statistics_do_not_depend_on_the_thread_count(dtype, shape, shift):

@@ -7,7 +7,9 @@
 // E[x]^2 from cancelling). Each task reads its slice twice (statistics, then output), the second
 // time from cache; in NCHW the output loop also sums the thread's next slice. AVX-512 where the
 // CPU has it (checked at run time), with AVX512_BF16 conversions for bf16 output where it has
-// those, portable C++ otherwise.
+// those, portable C++ otherwise. bf16 comes in 32 values at a time as their even- and odd-indexed
+// halves (load32_pair, simd.h), so channels_last blocks of 32 channels keep their per-channel
+// values in that pair order (to_pair_order).
 // Backward: per (sample, group) for NCHW, per (sample, block of groups) for channels_last: dz and
 // its per-channel sums in one pass (dz kept in an fp32 scratch), dx in a second; AVX-512 where the
 // CPU has it, portable C++ otherwise.
@@ -170,8 +172,9 @@ DDPM_AVX512 inline void sums_run_avx512(const T* x, int64_t n, __m512 off, LaneS
   while (i + 32 <= n) {
     const int64_t stop = std::min(n & ~int64_t(31), i + 256 * 16);
     for (; i < stop; i += 32) {  // two independent chains hide the add latency
-      const __m512 u = _mm512_add_ps(loadu16(x + i), off);
-      const __m512 v = _mm512_add_ps(loadu16(x + i + 16), off);
+      __m512 u, v;
+      load32_pair(x + i, u, v);
+      u = _mm512_add_ps(u, off), v = _mm512_add_ps(v, off);
       a1 = _mm512_add_ps(a1, u), a2 = _mm512_fmadd_ps(u, u, a2);
       b1 = _mm512_add_ps(b1, v), b2 = _mm512_fmadd_ps(v, v, b2);
     }
@@ -223,6 +226,7 @@ DDPM_AVX512 void pixels_sums_block_avx512(const T* x, int64_t C, int64_t HW, int
                                           double* s1, double* s2) {
   constexpr int64_t kFlush = 256;
   const __mmask16 mlast = tail_mask(last);
+  const int64_t width = 16 * (NV - 1) + last;
   __m512 pv[NV];
 #pragma GCC unroll 8
   for (int j = 0; j < NV; ++j) pv[j] = _mm512_maskz_loadu_ps(j == NV - 1 ? mlast : __mmask16(0xffff), pivot + 16 * j);
@@ -235,8 +239,18 @@ DDPM_AVX512 void pixels_sums_block_avx512(const T* x, int64_t C, int64_t HW, int
       const T* xp = x + p * C;
 #pragma GCC unroll 8
       for (int j = 0; j < NV; ++j) {
-        const __m512 u =
-            _mm512_sub_ps(j == NV - 1 ? load16(xp + 16 * j, mlast) : loadu16(xp + 16 * j), pv[j]);
+        __m512 u;
+        if (j % 2 == 0 && 16 * j + 32 <= width) {  // a whole block of 32 channels: vectors j and j + 1
+          __m512 v;
+          load32_pair(xp + 16 * j, u, v);
+          v = _mm512_sub_ps(v, pv[j + 1]);
+          a1[j + 1] = _mm512_add_ps(a1[j + 1], v), a2[j + 1] = _mm512_fmadd_ps(v, v, a2[j + 1]);
+        } else if (j % 2 == 1 && 16 * j + 16 <= width) {  // loaded with vector j - 1
+          continue;
+        } else {
+          u = j == NV - 1 ? load16(xp + 16 * j, mlast) : loadu16(xp + 16 * j);
+        }
+        u = _mm512_sub_ps(u, pv[j]);
         a1[j] = _mm512_add_ps(a1[j], u), a2[j] = _mm512_fmadd_ps(u, u, a2[j]);
       }
     }
@@ -260,6 +274,30 @@ DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t c
   case K: pixels_sums_block_avx512<T, K>(xc, C, HW, last, pivot + c, s1 + c, s2 + c); break;
       GN_CASE(1) GN_CASE(2) GN_CASE(3) GN_CASE(4) GN_CASE(5) GN_CASE(6) GN_CASE(7) GN_CASE(8)
 #undef GN_CASE
+    }
+  }
+}
+
+// Per-channel values of whole blocks of 32 channels in the order load32_pair gives the channels:
+// for bf16 the even channels of a block, then its odd ones (fp32: unchanged). What is left past the
+// last whole block stays in channel order, for the 16-lane tail loops.
+template <typename T, typename V>
+void to_pair_order(V* values, int64_t channels) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    V block[32];
+    for (int64_t c = 0; c + 32 <= channels; c += 32) {
+      for (int l = 0; l < 16; ++l) block[l] = values[c + 2 * l], block[16 + l] = values[c + 2 * l + 1];
+      std::copy(block, block + 32, values + c);
+    }
+  }
+}
+template <typename T, typename V>
+void from_pair_order(V* values, int64_t channels) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    V block[32];
+    for (int64_t c = 0; c + 32 <= channels; c += 32) {
+      for (int l = 0; l < 16; ++l) block[2 * l] = values[c + l], block[2 * l + 1] = values[c + 16 + l];
+      std::copy(block, block + 32, values + c);
     }
   }
 }
@@ -313,19 +351,22 @@ DDPM_AVX512 inline void out32(uint16_t* p, __m512 lo, __m512 hi) { store16(p, lo
 // ... or bf16 by vcvtneps2bf16 / vcvtne2ps2bf16 (AVX512_BF16).
 DDPM_AVX512_BF16 inline void out16_bf16(uint16_t* p, __m512 v, __mmask16 m) { store16_bf16(p, v, m); }
 DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { store32_bf16(p, lo, hi); }
+DDPM_AVX512_BF16 inline void out32_pair_bf16(float* p, __m512 a, __m512 b) { store32_pair(p, a, b); }
+DDPM_AVX512_BF16 inline void out32_pair_bf16(uint16_t* p, __m512 even, __m512 odd) { store32_pair_bf16(p, even, odd); }
 
 // The AVX-512 output loops, stamped once per store flavour: a function's target attribute cannot
 // depend on a template parameter, and the AVX512_BF16 stores only inline into functions whose
 // target includes avx512bf16.
-#define GN_OUTPUT_KERNELS(TARGET, SUFFIX, OUT16, OUT32)                                                        \
+#define GN_OUTPUT_KERNELS(TARGET, SUFFIX, OUT16, OUT32, OUT32_PAIR)                                            \
   /* 32 contiguous values of a row with its parameters vc, vs, vo */                                          \
   template <typename T, bool Act>                                                                              \
   TARGET inline void row_out32_##SUFFIX(const T* x, T* y, __m512 vc, __m512 vs, __m512 vo) {                   \
     constexpr bool precise = std::is_same_v<T, float>;                                                         \
-    __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x), vc), vs, vo);                                        \
-    __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(x + 16), vc), vs, vo);                                   \
+    __m512 z0, z1;                                                                                             \
+    load32_pair(x, z0, z1);                                                                                    \
+    z0 = _mm512_fmadd_ps(_mm512_add_ps(z0, vc), vs, vo), z1 = _mm512_fmadd_ps(_mm512_add_ps(z1, vc), vs, vo);  \
     if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                          \
-    OUT32(y, z0, z1);                                                                                          \
+    OUT32_PAIR(y, z0, z1);                                                                                     \
   }                                                                                                            \
   template <typename T, bool Act>                                                                              \
   TARGET void rows_out_##SUFFIX(const T* x, T* y, int64_t rows, int64_t len, const float* center,               \
@@ -363,8 +404,9 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
       const __m512 off = _mm512_set1_ps(next_off[r]);                                                          \
       for (int64_t i = 0; i < len; i += 32, k += 32) {                                                         \
         if (ahead) prefetch_next(next + k, ahead);                                                             \
-        const __m512 u = _mm512_add_ps(loadu16(next + k), off);                                                \
-        const __m512 v = _mm512_add_ps(loadu16(next + k + 16), off);                                           \
+        __m512 u, v;                                                                                           \
+        load32_pair(next + k, u, v);                                                                           \
+        u = _mm512_add_ps(u, off), v = _mm512_add_ps(v, off);                                                  \
         a1 = _mm512_add_ps(a1, u), a2 = _mm512_fmadd_ps(u, u, a2);                                             \
         b1 = _mm512_add_ps(b1, v), b2 = _mm512_fmadd_ps(v, v, b2);                                             \
         const int64_t done = per_row ? i + 32 : k + 32, run = per_row ? len : n;                               \
@@ -377,7 +419,9 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
     }                                                                                                          \
     *s1 = lane_total(total.a_lo, total.a_hi), *s2 = lane_total(total.b_lo, total.b_hi);                        \
   }                                                                                                            \
-  template <typename T, bool Act>                                                                              \
+  /* Pairs: each whole block of 32 channels is loaded and stored by load32_pair / store32_pair, so */    \
+  /* its parameters come in pair order (to_pair_order) */                                                     \
+  template <typename T, bool Act, bool Pairs = false>                                                          \
   TARGET void pixels_out_##SUFFIX(const T* x, T* y, int64_t C, int64_t HW, int64_t cb, const float* center,    \
                                   const float* scale, const float* offset) {                                   \
     constexpr bool precise = std::is_same_v<T, float>;                                                         \
@@ -386,12 +430,16 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
       T* yp = y + p * C;                                                                                       \
       int64_t c = 0;                                                                                           \
       for (; c + 32 <= cb; c += 32) {                                                                          \
-        __m512 z0 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(xp + c), _mm512_loadu_ps(center + c)),              \
-                                    _mm512_loadu_ps(scale + c), _mm512_loadu_ps(offset + c));                  \
-        __m512 z1 = _mm512_fmadd_ps(_mm512_add_ps(loadu16(xp + c + 16), _mm512_loadu_ps(center + c + 16)),    \
-                                    _mm512_loadu_ps(scale + c + 16), _mm512_loadu_ps(offset + c + 16));        \
+        __m512 z0, z1;                                                                                         \
+        if constexpr (Pairs) load32_pair(xp + c, z0, z1);                                                      \
+        else z0 = loadu16(xp + c), z1 = loadu16(xp + c + 16);                                                  \
+        z0 = _mm512_fmadd_ps(_mm512_add_ps(z0, _mm512_loadu_ps(center + c)), _mm512_loadu_ps(scale + c),       \
+                             _mm512_loadu_ps(offset + c));                                                     \
+        z1 = _mm512_fmadd_ps(_mm512_add_ps(z1, _mm512_loadu_ps(center + c + 16)), _mm512_loadu_ps(scale + c + 16), \
+                             _mm512_loadu_ps(offset + c + 16));                                                \
         if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                      \
-        OUT32(yp + c, z0, z1);                                                                                 \
+        if constexpr (Pairs) OUT32_PAIR(yp + c, z0, z1);                                                       \
+        else OUT32(yp + c, z0, z1);                                                                            \
       }                                                                                                        \
       for (; c < cb; c += 16) {                                                                                \
         const __mmask16 m = tail_mask(cb - c);                                                                 \
@@ -403,8 +451,8 @@ DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { sto
     }                                                                                                          \
   }
 
-GN_OUTPUT_KERNELS(DDPM_AVX512, avx512, out16, out32)
-GN_OUTPUT_KERNELS(DDPM_AVX512_BF16, avx512bf16, out16_bf16, out32_bf16)
+GN_OUTPUT_KERNELS(DDPM_AVX512, avx512, out16, out32, store32_pair)
+GN_OUTPUT_KERNELS(DDPM_AVX512_BF16, avx512bf16, out16_bf16, out32_bf16, out32_pair_bf16)
 #undef GN_OUTPUT_KERNELS
 
 template <typename T>
@@ -420,6 +468,7 @@ struct OutputKernels {
   RowsOut<T> rows;
   RowsOutSums<T> rows_sums;  // null without AVX-512
   PixelsOut<T> pixels;
+  PixelsOut<T> pixels_pairs;  // parameters in pair order (to_pair_order); pixels without AVX-512
 };
 
 enum class Isa { kScalar, kAvx512, kAvx512Bf16 };
@@ -428,9 +477,12 @@ template <typename T, bool Act>
 OutputKernels<T> output_kernels(Isa isa) {
   if constexpr (std::is_same_v<T, uint16_t>)
     if (isa == Isa::kAvx512Bf16)
-      return {rows_out_avx512bf16<T, Act>, rows_out_sums_avx512bf16<T, Act>, pixels_out_avx512bf16<T, Act>};
-  if (isa != Isa::kScalar) return {rows_out_avx512<T, Act>, rows_out_sums_avx512<T, Act>, pixels_out_avx512<T, Act>};
-  return {rows_out_scalar<T, Act>, nullptr, pixels_out_scalar<T, Act>};
+      return {rows_out_avx512bf16<T, Act>, rows_out_sums_avx512bf16<T, Act>, pixels_out_avx512bf16<T, Act>,
+              pixels_out_avx512bf16<T, Act, true>};
+  if (isa != Isa::kScalar)
+    return {rows_out_avx512<T, Act>, rows_out_sums_avx512<T, Act>, pixels_out_avx512<T, Act>,
+            pixels_out_avx512<T, Act, true>};
+  return {rows_out_scalar<T, Act>, nullptr, pixels_out_scalar<T, Act>, pixels_out_scalar<T, Act>};
 }
 
 // ---- op ----
@@ -553,10 +605,13 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
       T* ys = yp + start;
       for (int64_t c = 0; c < cb; ++c) pivot[c] = to_float(xs[c]);
       std::fill(sums.begin(), sums.end(), 0.0);
-      if (simd)
+      if (simd) {  // the AVX-512 sums load whole blocks of 32 channels in pair order
+        to_pair_order<T>(pivot, cb);
         pixels_sums_avx512(xs, C, HW, cb, pivot, s1, s2);
-      else
+        from_pair_order<T>(pivot, cb), from_pair_order<T>(s1, cb), from_pair_order<T>(s2, cb);
+      } else {
         pixels_sums_scalar(xs, C, HW, cb, pivot, s1, s2);
+      }
       for (int64_t j = 0; j < gpb; ++j) {
         const int64_t i = n * G + c0 / cpg + j, cj = j * cpg;
         // sums of x - x0 are sums of (x + shift) - (x0 + shift): the pivot carries the shift
@@ -568,7 +623,8 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
           offset[c] = bp ? bp[c0 + c] : 0.f;
         }
       }
-      out.pixels(xs, ys, C, HW, cb, center, scale, offset);
+      if (simd) to_pair_order<T>(center, cb), to_pair_order<T>(scale, cb), to_pair_order<T>(offset, cb);
+      out.pixels_pairs(xs, ys, C, HW, cb, center, scale, offset);
     }
   });
 }

@@ -120,6 +120,41 @@ DDPM_AVX512 inline __m512 loadu16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 
+// 32 consecutive values as two fp32 vectors. fp32: the first 16 and the last 16. bf16: the
+// even-indexed and the odd-indexed values, from one 64-byte load by a shift and a mask, with no
+// lane-crossing widening (vpmovzxwd), which competes with the SiLU's table lookup for the shuffle
+// unit. Sums do not care about the order; store32_pair puts elementwise results back in order.
+DDPM_AVX512 inline void load32_pair(const float* p, __m512& a, __m512& b) {
+  a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+}
+DDPM_AVX512 inline void load32_pair(const uint16_t* p, __m512& even, __m512& odd) {
+  const __m512i raw = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(int(0xffff0000u))));
+}
+DDPM_AVX512 inline void store32_pair(float* p, __m512 a, __m512 b) { _mm512_storeu_ps(p, a), _mm512_storeu_ps(p + 16, b); }
+// bf16 rounded to nearest even as store16 does, each pair's even value into the low half of a
+// 32-bit lane and its odd value into the high half: one store, no narrowing shuffle.
+DDPM_AVX512 inline __m512i bf16_rounded_high(__m512 v) {  // v's bf16 in the upper 16 bits; NaN -> 0x7fc0
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+}
+DDPM_AVX512 inline void store32_pair(uint16_t* p, __m512 even, __m512 odd) {
+  const __m512i lo = _mm512_srli_epi32(bf16_rounded_high(even), 16);
+  const __m512i hi = _mm512_and_si512(bf16_rounded_high(odd), _mm512_set1_epi32(int(0xffff0000u)));
+  _mm512_storeu_si512(p, _mm512_or_si512(lo, hi));
+}
+// The same with AVX512_BF16: both rounded by one vcvtne2ps2bf16 (even values in words 0-15, odd in
+// 16-31), then interleaved by one word permutation.
+DDPM_AVX512_BF16 inline void store32_pair_bf16(uint16_t* p, __m512 even, __m512 odd) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                           8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i packed = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even));
+  _mm512_storeu_si512(p, _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), packed));
+}
+
 inline std::string isa_name() {
   if (cpu_has_amx_int8()) return "amx-int8";
   if (cpu_has_avx512_vnni()) return "avx512-vnni";
