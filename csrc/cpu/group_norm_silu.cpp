@@ -351,7 +351,6 @@ DDPM_AVX512 inline void out32(uint16_t* p, __m512 lo, __m512 hi) { store16(p, lo
 // ... or bf16 by vcvtneps2bf16 / vcvtne2ps2bf16 (AVX512_BF16).
 DDPM_AVX512_BF16 inline void out16_bf16(uint16_t* p, __m512 v, __mmask16 m) { store16_bf16(p, v, m); }
 DDPM_AVX512_BF16 inline void out32_bf16(uint16_t* p, __m512 lo, __m512 hi) { store32_bf16(p, lo, hi); }
-DDPM_AVX512_BF16 inline void out32_pair_bf16(float* p, __m512 a, __m512 b) { store32_pair(p, a, b); }
 DDPM_AVX512_BF16 inline void out32_pair_bf16(uint16_t* p, __m512 even, __m512 odd) { store32_pair_bf16(p, even, odd); }
 
 // The AVX-512 output loops, stamped once per store flavour: a function's target attribute cannot
