@@ -219,17 +219,35 @@ void pixels_sums_scalar(const T* x, int64_t C, int64_t HW, int64_t cb, const flo
     }
 }
 
+// Per-channel values of whole blocks of 32 channels in the order load32_pair gives the channels:
+// for bf16 the even channels of a block, then its odd ones (fp32: unchanged). What is left past the
+// last whole block stays in channel order, for the 16-lane tail loops.
+template <typename T, typename V>
+void to_pair_order(V* values, int64_t channels) {
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    V block[32];
+    for (int64_t c = 0; c + 32 <= channels; c += 32) {
+      for (int l = 0; l < 16; ++l) block[l] = values[c + 2 * l], block[16 + l] = values[c + 2 * l + 1];
+      std::copy(block, block + 32, values + c);
+    }
+  }
+}
+
 // NV vectors of 16 channels (the last one `last` lanes wide) held in registers over all pixels,
-// in fp32 partial sums of kFlush pixels added to the fp64 totals.
+// in fp32 partial sums of kFlush pixels added to the fp64 totals. Whole blocks of 32 channels
+// are loaded by load32_pair; pivots and sums stay in channel order outside.
 template <typename T, int NV>
 DDPM_AVX512 void pixels_sums_block_avx512(const T* x, int64_t C, int64_t HW, int64_t last, const float* pivot,
                                           double* s1, double* s2) {
   constexpr int64_t kFlush = 256;
   const __mmask16 mlast = tail_mask(last);
   const int64_t width = 16 * (NV - 1) + last;
+  alignas(64) float pivots[16 * NV];  // in the order the loads give the channels
+  std::copy(pivot, pivot + width, pivots);
+  to_pair_order<T>(pivots, width);
   __m512 pv[NV];
 #pragma GCC unroll 8
-  for (int j = 0; j < NV; ++j) pv[j] = _mm512_maskz_loadu_ps(j == NV - 1 ? mlast : __mmask16(0xffff), pivot + 16 * j);
+  for (int j = 0; j < NV; ++j) pv[j] = _mm512_maskz_loadu_ps(j == NV - 1 ? mlast : __mmask16(0xffff), pivots + 16 * j);
   for (int64_t p0 = 0; p0 < HW; p0 += kFlush) {
     const int64_t p1 = std::min(HW, p0 + kFlush);
     __m512 a1[NV], a2[NV];
@@ -257,8 +275,12 @@ DDPM_AVX512 void pixels_sums_block_avx512(const T* x, int64_t C, int64_t HW, int
     alignas(64) float r1[16], r2[16];
     for (int j = 0; j < NV; ++j) {
       _mm512_store_ps(r1, a1[j]), _mm512_store_ps(r2, a2[j]);
-      const int64_t lanes = j == NV - 1 ? last : 16;
-      for (int64_t l = 0; l < lanes; ++l) s1[16 * j + l] += r1[l], s2[16 * j + l] += r2[l];
+      const int64_t lanes = j == NV - 1 ? last : 16, block = 16 * (j & ~1);
+      const bool paired = std::is_same_v<T, uint16_t> && block + 32 <= width;  // lane l: channel 2l (+1 if j odd)
+      for (int64_t l = 0; l < lanes; ++l) {
+        const int64_t c = paired ? block + 2 * l + (j & 1) : 16 * j + l;
+        s1[c] += r1[l], s2[c] += r2[l];
+      }
     }
   }
 }
@@ -274,30 +296,6 @@ DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t c
   case K: pixels_sums_block_avx512<T, K>(xc, C, HW, last, pivot + c, s1 + c, s2 + c); break;
       GN_CASE(1) GN_CASE(2) GN_CASE(3) GN_CASE(4) GN_CASE(5) GN_CASE(6) GN_CASE(7) GN_CASE(8)
 #undef GN_CASE
-    }
-  }
-}
-
-// Per-channel values of whole blocks of 32 channels in the order load32_pair gives the channels:
-// for bf16 the even channels of a block, then its odd ones (fp32: unchanged). What is left past the
-// last whole block stays in channel order, for the 16-lane tail loops.
-template <typename T, typename V>
-void to_pair_order(V* values, int64_t channels) {
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    V block[32];
-    for (int64_t c = 0; c + 32 <= channels; c += 32) {
-      for (int l = 0; l < 16; ++l) block[l] = values[c + 2 * l], block[16 + l] = values[c + 2 * l + 1];
-      std::copy(block, block + 32, values + c);
-    }
-  }
-}
-template <typename T, typename V>
-void from_pair_order(V* values, int64_t channels) {
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    V block[32];
-    for (int64_t c = 0; c + 32 <= channels; c += 32) {
-      for (int l = 0; l < 16; ++l) block[2 * l] = values[c + l], block[2 * l + 1] = values[c + 16 + l];
-      std::copy(block, block + 32, values + c);
     }
   }
 }
@@ -604,13 +602,10 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
       T* ys = yp + start;
       for (int64_t c = 0; c < cb; ++c) pivot[c] = to_float(xs[c]);
       std::fill(sums.begin(), sums.end(), 0.0);
-      if (simd) {  // the AVX-512 sums load whole blocks of 32 channels in pair order
-        to_pair_order<T>(pivot, cb);
+      if (simd)
         pixels_sums_avx512(xs, C, HW, cb, pivot, s1, s2);
-        from_pair_order<T>(pivot, cb), from_pair_order<T>(s1, cb), from_pair_order<T>(s2, cb);
-      } else {
+      else
         pixels_sums_scalar(xs, C, HW, cb, pivot, s1, s2);
-      }
       for (int64_t j = 0; j < gpb; ++j) {
         const int64_t i = n * G + c0 / cpg + j, cj = j * cpg;
         // sums of x - x0 are sums of (x + shift) - (x0 + shift): the pivot carries the shift
