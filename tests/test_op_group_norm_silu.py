@@ -91,6 +91,31 @@ def test_statistics_do_not_depend_on_the_thread_count(dtype, shape, shift):
     torch.testing.assert_close(outputs[0][1], mean_ref, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 64, 32, 32), (1, 96, 45, 37), (3, 32, 64, 16)])
+def test_channels_last_slices_shared_out_in_parts(dtype, shape):
+    """channels_last cuts each slice's output into pixel ranges of ~64 KiB, run as separate tasks by
+    whichever thread takes them, after the slice's statistics (computed once, by the first). The
+    slices and parts change with the thread count: (2, 64, 32, 32) fp32 is 4 parts of one 256 KiB
+    slice per sample at 1 thread, 2 parts of 128 KiB slices at 2; (1, 96, 45, 37) has a pixel count
+    that no part count divides."""
+    x, weight, bias, s = make(*shape, 8, dtype, channels_last=True, offset=3.0)
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outputs.append(kernel(x, weight, bias, s, 8, True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outputs[1:]:
+        for a, b in zip(outputs[0], other):
+            assert torch.equal(a, b)
+    y_ref, mean_ref, rstd_ref = reference.group_norm_silu(x, weight, bias, s, 8, 1e-5, True)
+    torch.testing.assert_close(outputs[0][0], y_ref, **TOL[dtype])
+    torch.testing.assert_close(outputs[0][1], mean_ref, atol=1e-5, rtol=1e-5)
+
 EXTREME = [-1e30, -200.0, -89.0, -88.5, -85.0, -80.5, -79.5, -10.0, -1e-3, 0.0, 1e-3, 10.0, 79.5, 85.0, 200.0, 1e30]
 
 

@@ -1,11 +1,12 @@
 // CPU kernels of group_norm_silu: y = [silu](group_norm(x + shift) * weight + bias).
 //
-// Forward: per (sample, group) for NCHW, per (sample, block of groups) for channels_last, in
-// parallel (parallel_chunks: each thread runs its own range, idle ones take from the others').
-// Statistics are fp32 lane sums of (x - pivot), combined in fp64
+// Forward: slices of (sample, group) for NCHW, of (sample, block of groups) for channels_last, in
+// parallel (parallel_chunks: each thread runs its own range, idle ones take from the others'). A
+// task is a slice in NCHW, a pixel range of one in channels_last (its first task computes the
+// statistics). Statistics are fp32 lane sums of (x - pivot), combined in fp64
 // (the pivot, an element of the same group (NCHW) or channel (channels_last), keeps E[x^2] -
-// E[x]^2 from cancelling). Each task reads its slice twice (statistics, then output), the second
-// time from cache; in NCHW the output loop also sums the thread's next slice. AVX-512 where the
+// E[x]^2 from cancelling). A slice is read twice (statistics, then output), the second time from
+// cache; in NCHW the output loop also sums the thread's next slice. AVX-512 where the
 // CPU has it (checked at run time), with AVX512_BF16 conversions for bf16 output where it has
 // those, portable C++ otherwise. bf16 comes in 32 values at a time as their even- and odd-indexed
 // halves (load32_pair, simd.h), so channels_last blocks of 32 channels keep their per-channel
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -575,10 +577,10 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
     return;
   }
 
-  // channels_last: one task per (sample, block of whole groups), cb channels of all HW pixels: the
-  // task reads its slice once for the per-channel sums and again, from L2, for the output. The
-  // fewest blocks that give every thread two tasks and keep a slice within 512 KiB, with block
-  // boundaries on cache lines (the tasks' outputs must not share lines).
+  // channels_last: slices of (sample, block of whole groups), cb channels of all HW pixels: a slice
+  // is read once for the per-channel sums and again, from L2, for the output. The fewest blocks
+  // that give every thread two slices and keep a slice within 512 KiB, with block boundaries on
+  // cache lines (the slices' outputs must not share lines).
   const int64_t threads = at::get_num_threads(), elt = sizeof(T);
   int64_t blocks = 1;
   for (int64_t k = 2; k <= G; ++k) {
@@ -587,19 +589,25 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
     if ((C / k) * elt % 64) break;
     blocks = k;
   }
-  const int64_t cb = C / blocks, gpb = G / blocks;
-  auto slice_at = [&](int64_t t) { return (t / blocks) * HW * C + (t % blocks) * cb; };  // task t's first element
-  parallel_chunks(N * blocks, [&](int64_t begin, int64_t end, const auto& extend) {
+  const int64_t cb = C / blocks, gpb = G / blocks, slices = N * blocks;
+  // A task is one of a slice's `parts` pixel ranges (about 64 KiB of input each). The first task to
+  // reach a slice computes its statistics and parameters, and any other waits for them: the owner
+  // runs a slice's parts in order, so it reads the slice twice as before, while a thread that wakes
+  // late (OMP_WAIT_POLICY=PASSIVE) or finishes early shares out 64 KiB parts rather than 512 KiB
+  // slices. A wait is at most one statistics pass of a thread that is running it.
+  const int64_t parts = std::clamp<int64_t>(HW * cb * elt / (64 << 10), 1, std::min<int64_t>(HW, 8));
+  const std::unique_ptr<float[]> slice_params(new float[3 * cb * slices]);  // center, scale, offset (pair order)
+  const std::unique_ptr<std::atomic<int>[]> state(new std::atomic<int>[slices]);  // 0: no statistics yet,
+  for (int64_t t = 0; t < slices; ++t) state[t].store(0, std::memory_order_relaxed);  // 1: being computed, 2: ready
+  auto slice_at = [&](int64_t t) { return (t / blocks) * HW * C + (t % blocks) * cb; };  // slice t's first element
+  parallel_chunks(slices * parts, [&](int64_t begin, int64_t end, const auto& extend) {
     std::vector<double> sums(2 * cb);
-    std::vector<float> params(5 * cb);
+    std::vector<float> pivots(2 * cb);
     double *s1 = sums.data(), *s2 = s1 + cb;
-    float *pivot = params.data(), *pivot_s = pivot + cb, *center = pivot_s + cb, *scale = center + cb,
-          *offset = scale + cb;
-    for (int64_t t = begin; t < end; ++t) {
-      if (t + 1 >= end) end = extend(end);  // the owner's next chunk
-      const int64_t n = t / blocks, c0 = (t % blocks) * cb, start = slice_at(t);
-      const T* xs = xp + start;
-      T* ys = yp + start;
+    float *pivot = pivots.data(), *pivot_s = pivot + cb;
+    // slice t's parameters, computed here by the first task to need them
+    auto statistics = [&](int64_t t, const T* xs, float* center, float* scale, float* offset) {
+      const int64_t n = t / blocks, c0 = (t % blocks) * cb;
       for (int64_t c = 0; c < cb; ++c) pivot[c] = to_float(xs[c]);
       std::fill(sums.begin(), sums.end(), 0.0);
       if (simd)
@@ -618,7 +626,24 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
         }
       }
       if (simd) to_pair_order<T>(center, cb), to_pair_order<T>(scale, cb), to_pair_order<T>(offset, cb);
-      out.pixels_pairs(xs, ys, C, HW, cb, center, scale, offset);
+    };
+    for (int64_t k = begin; k < end; ++k) {
+      if (k + 1 >= end) end = extend(end);  // the owner's next chunk
+      const int64_t t = k / parts, part = k % parts, start = slice_at(t);
+      const T* xs = xp + start;
+      T* ys = yp + start;
+      float *center = slice_params.get() + 3 * cb * t, *scale = center + cb, *offset = scale + cb;
+      int expected = 0;
+      if (parts == 1) {  // the slice's only task
+        statistics(t, xs, center, scale, offset);
+      } else if (state[t].compare_exchange_strong(expected, 1, std::memory_order_acquire)) {
+        statistics(t, xs, center, scale, offset);
+        state[t].store(2, std::memory_order_release);
+      } else {
+        while (state[t].load(std::memory_order_acquire) != 2) _mm_pause();
+      }
+      const int64_t p0 = HW * part / parts, p1 = HW * (part + 1) / parts;
+      out.pixels_pairs(xs + p0 * C, ys + p0 * C, C, p1 - p0, cb, center, scale, offset);
     }
   });
 }
