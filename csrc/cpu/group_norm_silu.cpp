@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cmath>
 #include <memory>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -597,8 +598,9 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   // slices. A wait is at most one statistics pass of a thread that is running it.
   const int64_t parts = std::clamp<int64_t>(HW * cb * elt / (64 << 10), 1, std::min<int64_t>(HW, 8));
   const std::unique_ptr<float[]> slice_params(new float[3 * cb * slices]);  // center, scale, offset (pair order)
-  const std::unique_ptr<std::atomic<int>[]> state(new std::atomic<int>[slices]);  // 0: no statistics yet,
-  for (int64_t t = 0; t < slices; ++t) state[t].store(0, std::memory_order_relaxed);  // 1: being computed, 2: ready
+  // per slice: 0 no statistics yet, 1 being computed, 2 ready
+  const std::unique_ptr<std::atomic<int>[]> state(new std::atomic<int>[slices]);
+  for (int64_t t = 0; t < slices; ++t) state[t].store(0, std::memory_order_relaxed);
   auto slice_at = [&](int64_t t) { return (t / blocks) * HW * C + (t % blocks) * cb; };  // slice t's first element
   parallel_chunks(slices * parts, [&](int64_t begin, int64_t end, const auto& extend) {
     std::vector<double> sums(2 * cb);
@@ -639,8 +641,13 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
       } else if (state[t].compare_exchange_strong(expected, 1, std::memory_order_acquire)) {
         statistics(t, xs, center, scale, offset);
         state[t].store(2, std::memory_order_release);
-      } else {
-        while (state[t].load(std::memory_order_acquire) != 2) _mm_pause();
+      } else {  // spin, then yield in case the other thread was descheduled (an oversubscribed machine)
+        for (int spins = 0; state[t].load(std::memory_order_acquire) != 2; ++spins) {
+          if (spins < 4096)
+            _mm_pause();
+          else
+            std::this_thread::yield();
+        }
       }
       const int64_t p0 = HW * part / parts, p1 = HW * (part + 1) / parts;
       out.pixels_pairs(xs + p0 * C, ys + p0 * C, C, p1 - p0, cb, center, scale, offset);
