@@ -91,7 +91,6 @@ def test_statistics_do_not_depend_on_the_thread_count(dtype, shape, shift):
     torch.testing.assert_close(outputs[0][1], mean_ref, atol=1e-5, rtol=1e-5)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 64, 32, 32), (1, 96, 45, 37), (3, 32, 64, 16)])
 def test_channels_last_slices_shared_out_in_parts(dtype, shape):
@@ -115,6 +114,8 @@ def test_channels_last_slices_shared_out_in_parts(dtype, shape):
     y_ref, mean_ref, rstd_ref = reference.group_norm_silu(x, weight, bias, s, 8, 1e-5, True)
     torch.testing.assert_close(outputs[0][0], y_ref, **TOL[dtype])
     torch.testing.assert_close(outputs[0][1], mean_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[0][2], rstd_ref, atol=1e-5, rtol=1e-4)
+
 
 EXTREME = [-1e30, -200.0, -89.0, -88.5, -85.0, -80.5, -79.5, -10.0, -1e-3, 0.0, 1e-3, 10.0, 79.5, 85.0, 200.0, 1e30]
 
