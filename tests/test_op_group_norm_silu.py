@@ -65,6 +65,25 @@ def test_forward_matches_reference_at_wide_channels(dtype, channels_last, shape,
     torch.testing.assert_close(rstd, rstd_ref, atol=1e-5, rtol=1e-4)
 
 
+def assert_same_at_1_2_3_threads(x, weight, bias, shift, groups):
+    """The op's three outputs are bit-identical at 1, 2 and 3 threads, and match the reference."""
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outputs.append(kernel(x, weight, bias, shift, groups, True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in outputs[1:]:
+        for a, b in zip(outputs[0], other):
+            assert torch.equal(a, b)
+    y_ref, mean_ref, rstd_ref = reference.group_norm_silu(x, weight, bias, shift, groups, 1e-5, True)
+    torch.testing.assert_close(outputs[0][0], y_ref, **TOL[x.dtype])
+    torch.testing.assert_close(outputs[0][1], mean_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs[0][2], rstd_ref, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 64, 8, 8), (2, 40, 32, 33), (2, 16, 32, 32), (2, 16, 64, 80)])
 @pytest.mark.parametrize("shift", [False, True])
@@ -75,20 +94,7 @@ def test_statistics_do_not_depend_on_the_thread_count(dtype, shape, shift):
     (2, 40, 32, 33) 5280, flushed to fp64 across a row (one run without a shift); (2, 16, 64, 80)
     two 5120-value rows, flushed inside a row (one run per row with a shift)."""
     x, weight, bias, s = make(*shape, 8, dtype, channels_last=False, shift=shift, offset=3.0)
-    threads = torch.get_num_threads()
-    try:
-        outputs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outputs.append(kernel(x, weight, bias, s, 8, True))
-    finally:
-        torch.set_num_threads(threads)
-    for other in outputs[1:]:
-        for a, b in zip(outputs[0], other):
-            assert torch.equal(a, b)
-    y_ref, mean_ref, rstd_ref = reference.group_norm_silu(x, weight, bias, s, 8, 1e-5, True)
-    torch.testing.assert_close(outputs[0][0], y_ref, **TOL[dtype])
-    torch.testing.assert_close(outputs[0][1], mean_ref, atol=1e-5, rtol=1e-5)
+    assert_same_at_1_2_3_threads(x, weight, bias, s, 8)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -100,21 +106,7 @@ def test_channels_last_slices_shared_out_in_parts(dtype, shape):
     slice per sample at 1 thread, 2 parts of 128 KiB slices at 2; (1, 96, 45, 37) has a pixel count
     that no part count divides."""
     x, weight, bias, s = make(*shape, 8, dtype, channels_last=True, offset=3.0)
-    threads = torch.get_num_threads()
-    try:
-        outputs = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outputs.append(kernel(x, weight, bias, s, 8, True))
-    finally:
-        torch.set_num_threads(threads)
-    for other in outputs[1:]:
-        for a, b in zip(outputs[0], other):
-            assert torch.equal(a, b)
-    y_ref, mean_ref, rstd_ref = reference.group_norm_silu(x, weight, bias, s, 8, 1e-5, True)
-    torch.testing.assert_close(outputs[0][0], y_ref, **TOL[dtype])
-    torch.testing.assert_close(outputs[0][1], mean_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outputs[0][2], rstd_ref, atol=1e-5, rtol=1e-4)
+    assert_same_at_1_2_3_threads(x, weight, bias, s, 8)
 
 
 EXTREME = [-1e30, -200.0, -89.0, -88.5, -85.0, -80.5, -79.5, -10.0, -1e-3, 0.0, 1e-3, 10.0, 79.5, 85.0, 200.0, 1e30]
