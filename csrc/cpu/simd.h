@@ -87,13 +87,15 @@ DDPM_AVX512 inline __m512 load16(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
 }
 DDPM_AVX512 inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+// v's bf16, rounded to nearest even as float_to_bf16, in the upper 16 bits of each lane; NaN -> 0x7fc0
+DDPM_AVX512 inline __m512i bf16_rounded_high(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
+}
 DDPM_AVX512 inline void store16(uint16_t* p, __m512 v, __mmask16 m) {
-  __m512i u = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(rounded));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_rounded_high(v), 16)));
 }
 
 // AVX512_BF16 (vcvtneps2bf16): fp32 -> bf16 in one instruction, rounding to nearest even like
@@ -135,12 +137,6 @@ DDPM_AVX512 inline void load32_pair(const uint16_t* p, __m512& even, __m512& odd
 DDPM_AVX512 inline void store32_pair(float* p, __m512 a, __m512 b) { _mm512_storeu_ps(p, a), _mm512_storeu_ps(p + 16, b); }
 // bf16 rounded to nearest even as store16 does, each pair's even value into the low half of a
 // 32-bit lane and its odd value into the high half: one store, no narrowing shuffle.
-DDPM_AVX512 inline __m512i bf16_rounded_high(__m512 v) {  // v's bf16 in the upper 16 bits; NaN -> 0x7fc0
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
-}
 DDPM_AVX512 inline void store32_pair(uint16_t* p, __m512 even, __m512 odd) {
   const __m512i lo = _mm512_srli_epi32(bf16_rounded_high(even), 16);
   const __m512i hi = _mm512_and_si512(bf16_rounded_high(odd), _mm512_set1_epi32(int(0xffff0000u)));
