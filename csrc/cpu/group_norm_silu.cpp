@@ -107,6 +107,19 @@ struct Affine {  // per-channel fp32 parameters, any of them may be null
   float s(int64_t c) const { return shift ? shift[c] : 0.f; }
 };
 
+// The output parameters of one NCHW slice, a channel at a time, where the row loops need them:
+// center = shift[c] - mean (in fp64), scale = rstd * weight[c], offset = bias[c]. Written to
+// arrays before the output pass instead, they cost ~8% of a one-thread 8x8 call
+// (docs/performance.md, session 21).
+struct SliceParams {
+  Affine a;
+  double v0, m;  // mean = v0 + m, v0 = pivot + shift[0]
+  float rstd;
+  float center(int64_t c) const { return float(double(a.s(c)) - v0 - m); }
+  float scale(int64_t c) const { return rstd * a.w(c); }
+  float offset(int64_t c) const { return a.b(c); }
+};
+
 // Mean and variance from per-channel sums of v = x + shift - pivot[c] over `hw` elements each.
 // Returns the fp64 mean.
 double combine(const double* s1, const double* s2, const float* pivot, int64_t channels, int64_t hw, float eps,
@@ -306,7 +319,7 @@ DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t c
 // ---- output: y = act((x + center) * scale + offset) ----
 // (x - mean) * scale + b rather than x * scale + (b - mean * scale): the latter loses digits when
 // the variance is tiny and rstd large.
-//   rows_out: rows of len contiguous elements, one channel each (NCHW), per-row parameters;
+//   rows_out: rows of len contiguous elements, one channel each (NCHW), a slice's parameters;
 //   pixels_out: HW pixels of a block of cb channels (channels_last, pixel stride C), per-channel
 //   parameters;
 //   ahead (rows): the distance in bytes to the next task's slice, prefetched as the pass goes (0:
@@ -315,13 +328,14 @@ DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t c
 //   8-17% slower at 128x32x32 and 512x16x16 with it; docs/performance.md, session 18).
 
 template <typename T, bool Act>
-void rows_out_scalar(const T* x, T* y, int64_t rows, int64_t len, const float* center, const float* scale,
-                     const float* offset, int64_t /*ahead*/) {
-  for (int64_t r = 0; r < rows; ++r)
+void rows_out_scalar(const T* x, T* y, int64_t rows, int64_t len, const SliceParams& p, int64_t /*ahead*/) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float center = p.center(r), scale = p.scale(r), offset = p.offset(r);
     for (int64_t i = r * len; i < (r + 1) * len; ++i) {
-      const float z = (to_float(x[i]) + center[r]) * scale[r] + offset[r];
+      const float z = (to_float(x[i]) + center) * scale + offset;
       store_float(y + i, Act ? silu(z) : z);
     }
+  }
 }
 
 template <typename T, bool Act>
@@ -369,11 +383,11 @@ DDPM_AVX512_BF16 inline void out32_pair_bf16(uint16_t* p, __m512 even, __m512 od
     OUT32_PAIR(y, z0, z1);                                                                                     \
   }                                                                                                            \
   template <typename T, bool Act>                                                                              \
-  TARGET void rows_out_##SUFFIX(const T* x, T* y, int64_t rows, int64_t len, const float* center,               \
-                                const float* scale, const float* offset, int64_t ahead) {                      \
+  TARGET void rows_out_##SUFFIX(const T* x, T* y, int64_t rows, int64_t len, const SliceParams& p,             \
+                                int64_t ahead) {                                                               \
     constexpr bool precise = std::is_same_v<T, float>;                                                         \
     for (int64_t r = 0; r < rows; ++r, x += len, y += len) {                                                   \
-      const __m512 vc = _mm512_set1_ps(center[r]), vs = _mm512_set1_ps(scale[r]), vo = _mm512_set1_ps(offset[r]); \
+      const __m512 vc = _mm512_set1_ps(p.center(r)), vs = _mm512_set1_ps(p.scale(r)), vo = _mm512_set1_ps(p.offset(r)); \
       int64_t i = 0;                                                                                           \
       for (; i + 32 <= len; i += 32) {                                                                         \
         if (ahead) prefetch_next(x + i, ahead);                                                                \
@@ -391,8 +405,8 @@ DDPM_AVX512_BF16 inline void out32_pair_bf16(uint16_t* p, __m512 even, __m512 od
   /* exactly nchw_sums_avx512's order: one run (per_row false), or one run per row (with a shift). So a */    \
   /* slice's statistics do not depend on which path summed it. */                                             \
   template <typename T, bool Act>                                                                              \
-  TARGET void rows_out_sums_##SUFFIX(const T* x, T* y, int64_t rows, int64_t len, const float* center,          \
-                                     const float* scale, const float* offset, const T* next,                   \
+  TARGET void rows_out_sums_##SUFFIX(const T* x, T* y, int64_t rows, int64_t len, const SliceParams& p,        \
+                                     const T* next,                                                            \
                                      const float* next_off, bool per_row, double* s1, double* s2,              \
                                      int64_t ahead) {                                                          \
     const __m512d zd = _mm512_setzero_pd();                                                                    \
@@ -400,7 +414,7 @@ DDPM_AVX512_BF16 inline void out32_pair_bf16(uint16_t* p, __m512 even, __m512 od
     __m512 a1 = _mm512_setzero_ps(), a2 = a1, b1 = a1, b2 = a1;                                                \
     const int64_t n = rows * len;                                                                              \
     for (int64_t r = 0, k = 0; r < rows; ++r) {                                                                \
-      const __m512 vc = _mm512_set1_ps(center[r]), vs = _mm512_set1_ps(scale[r]), vo = _mm512_set1_ps(offset[r]); \
+      const __m512 vc = _mm512_set1_ps(p.center(r)), vs = _mm512_set1_ps(p.scale(r)), vo = _mm512_set1_ps(p.offset(r)); \
       const __m512 off = _mm512_set1_ps(next_off[r]);                                                          \
       for (int64_t i = 0; i < len; i += 32, k += 32) {                                                         \
         if (ahead) prefetch_next(next + k, ahead);                                                             \
@@ -456,9 +470,9 @@ GN_OUTPUT_KERNELS(DDPM_AVX512_BF16, avx512bf16, out16_bf16, out32_bf16, out32_pa
 #undef GN_OUTPUT_KERNELS
 
 template <typename T>
-using RowsOut = void (*)(const T*, T*, int64_t, int64_t, const float*, const float*, const float*, int64_t);
+using RowsOut = void (*)(const T*, T*, int64_t, int64_t, const SliceParams&, int64_t);
 template <typename T>
-using RowsOutSums = void (*)(const T*, T*, int64_t, int64_t, const float*, const float*, const float*, const T*,
+using RowsOutSums = void (*)(const T*, T*, int64_t, int64_t, const SliceParams&, const T*,
                              const float*, bool, double*, double*, int64_t);
 template <typename T>
 using PixelsOut = void (*)(const T*, T*, int64_t, int64_t, int64_t, const float*, const float*, const float*);
@@ -533,9 +547,9 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
     // the output pass is compute-bound and hides the next slice's memory reads.
     const bool fuse = out.rows_sums && HW % 32 == 0;
     parallel_chunks(N * G, [&](int64_t begin, int64_t end, const auto& extend) {
-      // Parameters per channel, or below 16 elements a row per element: the slice's output then
-      // runs as one row instead of one masked vector per channel.
-      const int64_t len = cpg * HW, count = HW < 16 ? len : cpg, per = HW < 16 ? HW : 1;
+      // Below 16 elements a row, the slice's output runs as one row with its parameters per element
+      // (center, scale, offset) instead of one masked vector per channel.
+      const int64_t len = cpg * HW, count = HW < 16 ? len : 0;
       const double inv_len = 1.0 / double(len);
       std::vector<float> params(3 * count + cpg);
       float *center = params.data(), *scale = center + count, *offset = scale + count, *next_off = offset + count;
@@ -553,12 +567,9 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
             nchw_sums_scalar(xp + off, cpg, HW, a, &s1, &s2, &pivot);
         }
         // combine() for one pivot: var = E[v^2] - E[v]^2 of v = x + shift - shift[0] - pivot, in fp64
-        const double m = s1 * inv_len, v0 = double(pivot) + a.s(0), mu = v0 + m;
-        mean[i] = float(mu);
-        rstd[i] = float(1.0 / std::sqrt(std::max(s2 * inv_len - m * m, 0.0) + eps));
-        for (int64_t c = 0, k = 0; c < cpg; ++c)
-          for (int64_t j = 0; j < per; ++j, ++k)
-            center[k] = float(double(a.s(c)) - v0 - m), scale[k] = rstd[i] * a.w(c), offset[k] = a.b(c);
+        const double m = s1 * inv_len, v0 = double(pivot) + a.s(0);
+        const SliceParams p{a, v0, m, float(1.0 / std::sqrt(std::max(s2 * inv_len - m * m, 0.0) + eps))};
+        mean[i] = float(v0 + m), rstd[i] = p.rstd;
         summed = fuse && i + 1 < end;
         if (summed) {
           const T* next = xp + off + len;
@@ -566,12 +577,14 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
           const Affine a1{nullptr, nullptr, sp ? sp + n1 * C + c1 : nullptr};
           pivot = to_float(next[0]);
           for (int64_t c = 0; c < cpg; ++c) next_off[c] = sp ? offset_to_v(a1, c, pivot) : -pivot;
-          out.rows_sums(xp + off, yp + off, cpg, HW, center, scale, offset, next, next_off, sp != nullptr, &s1, &s2,
+          out.rows_sums(xp + off, yp + off, cpg, HW, p, next, next_off, sp != nullptr, &s1, &s2,
                         i + 2 < end ? len * int64_t(sizeof(T)) : 0);
         } else if (HW < 16) {
+          for (int64_t c = 0, k = 0; c < cpg; ++c)
+            for (int64_t j = 0; j < HW; ++j, ++k) center[k] = p.center(c), scale[k] = p.scale(c), offset[k] = p.offset(c);
           out.pixels(xp + off, yp + off, len, 1, len, center, scale, offset);
         } else {
-          out.rows(xp + off, yp + off, cpg, HW, center, scale, offset, i + 1 < end ? len * int64_t(sizeof(T)) : 0);
+          out.rows(xp + off, yp + off, cpg, HW, p, i + 1 < end ? len * int64_t(sizeof(T)) : 0);
         }
       }
     });
