@@ -6,7 +6,7 @@
 // statistics). Statistics are fp32 lane sums of (x - pivot), combined in fp64
 // (the pivot, an element of the same group (NCHW) or channel (channels_last), keeps E[x^2] -
 // E[x]^2 from cancelling). A slice is read twice (statistics, then output), the second time from
-// cache; in NCHW the output loop also sums the thread's next slice. AVX-512 where the
+// cache; in NCHW the output loop also sums the slice after next. AVX-512 where the
 // CPU has it (checked at run time), with AVX512_BF16 conversions for bf16 output where it has
 // those, portable C++ otherwise. bf16 comes in 32 values at a time as their even- and odd-indexed
 // halves (load32_pair, simd.h), so channels_last blocks of 32 channels keep their per-channel
@@ -109,7 +109,7 @@ struct Affine {  // per-channel fp32 parameters, any of them may be null
 
 // The output parameters of one NCHW slice, a channel at a time, where the row loops need them:
 // center = shift[c] - mean (in fp64), scale = rstd * weight[c], offset = bias[c]. Written to
-// arrays before the output pass instead, they cost ~8% of a one-thread 8x8 call
+// arrays before the output pass instead, they cost 4-5% of a one-thread 8x8 call
 // (docs/performance.md, session 21).
 struct SliceParams {
   Affine a;
@@ -543,8 +543,11 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   if (!is_channels_last(x)) {
     // One task per (sample, group): its cpg * HW contiguous elements are read for the statistics,
     // then again (from L1/L2) for the output. Where the output loop can (AVX-512, rows of whole
-    // 32-element vectors), it also sums the thread's next slice, which lies right after this one:
-    // the output pass is compute-bound and hides the next slice's memory reads.
+    // 32-element vectors), it also sums the slice two after it in the thread's stream: the output
+    // pass is compute-bound and hides those memory reads. Two, not one: the next slice's
+    // statistics (sums reduced, a fp64 square root and division) are then worked out before this
+    // slice's output, not between the two, so the output loop does not wait on their latency
+    // (one thread, 8x8: 7-8% faster; docs/performance.md, session 21).
     const bool fuse = out.rows_sums && HW % 32 == 0;
     parallel_chunks(N * G, [&](int64_t begin, int64_t end, const auto& extend) {
       // Below 16 elements a row, the slice's output runs as one row with its parameters per element
@@ -553,39 +556,54 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
       const double inv_len = 1.0 / double(len);
       std::vector<float> params(3 * count + cpg);
       float *center = params.data(), *scale = center + count, *offset = scale + count, *next_off = offset + count;
-      double s1, s2;
+      const auto affine = [&](int64_t i) {
+        const int64_t n = i / G, c0 = (i % G) * cpg;
+        return Affine{wp ? wp + c0 : nullptr, bp ? bp + c0 : nullptr, sp ? sp + n * C + c0 : nullptr};
+      };
+      double s1, s2;  // sums of slice i + 1 (or begin), pivot its first element
       float pivot;
-      bool summed = false;  // s1, s2, pivot already hold this slice's sums
-      for (int64_t i = begin; i < end; ++i) {
-        if (i + 2 >= end) end = extend(end);  // keep the owner's stream going: fused sums, prefetch
-        const int64_t n = i / G, c0 = (i % G) * cpg, off = (n * C + c0) * HW;
-        const Affine a{wp ? wp + c0 : nullptr, bp ? bp + c0 : nullptr, sp ? sp + n * C + c0 : nullptr};
-        if (!summed) {
-          if (simd)
-            nchw_sums_avx512(xp + off, cpg, HW, a, &s1, &s2, &pivot);
-          else
-            nchw_sums_scalar(xp + off, cpg, HW, a, &s1, &s2, &pivot);
-        }
-        // combine() for one pivot: var = E[v^2] - E[v]^2 of v = x + shift - shift[0] - pivot, in fp64
+      const auto sum = [&](int64_t i) {
+        if (simd)
+          nchw_sums_avx512(xp + i * len, cpg, HW, affine(i), &s1, &s2, &pivot);
+        else
+          nchw_sums_scalar(xp + i * len, cpg, HW, affine(i), &s1, &s2, &pivot);
+      };
+      // combine() for one pivot: var = E[v^2] - E[v]^2 of v = x + shift - shift[0] - pivot, in fp64
+      const auto parameters = [&](int64_t i) {
+        const Affine a = affine(i);
         const double m = s1 * inv_len, v0 = double(pivot) + a.s(0);
         const SliceParams p{a, v0, m, float(1.0 / std::sqrt(std::max(s2 * inv_len - m * m, 0.0) + eps))};
         mean[i] = float(v0 + m), rstd[i] = p.rstd;
-        summed = fuse && i + 1 < end;
+        return p;
+      };
+      sum(begin);
+      SliceParams p = parameters(begin);
+      bool summed = false;  // s1, s2, pivot hold slice i + 1's sums
+      for (int64_t i = begin; i < end; ++i) {
+        if (i + 3 >= end) end = extend(end);  // keep the owner's stream going: fused sums, prefetch
+        SliceParams following{};
+        if (i + 1 < end) {
+          if (!summed) sum(i + 1);
+          following = parameters(i + 1);
+        }
+        const T* xs = xp + i * len;
+        T* ys = yp + i * len;
+        summed = fuse && i + 2 < end;
         if (summed) {
-          const T* next = xp + off + len;
-          const int64_t n1 = (i + 1) / G, c1 = ((i + 1) % G) * cpg;
-          const Affine a1{nullptr, nullptr, sp ? sp + n1 * C + c1 : nullptr};
+          const T* next = xs + 2 * len;
+          const Affine a2 = affine(i + 2);
           pivot = to_float(next[0]);
-          for (int64_t c = 0; c < cpg; ++c) next_off[c] = sp ? offset_to_v(a1, c, pivot) : -pivot;
-          out.rows_sums(xp + off, yp + off, cpg, HW, p, next, next_off, sp != nullptr, &s1, &s2,
-                        i + 2 < end ? len * int64_t(sizeof(T)) : 0);
+          for (int64_t c = 0; c < cpg; ++c) next_off[c] = sp ? offset_to_v(a2, c, pivot) : -pivot;
+          out.rows_sums(xs, ys, cpg, HW, p, next, next_off, sp != nullptr, &s1, &s2,
+                        i + 3 < end ? len * int64_t(sizeof(T)) : 0);
         } else if (HW < 16) {
           for (int64_t c = 0, k = 0; c < cpg; ++c)
             for (int64_t j = 0; j < HW; ++j, ++k) center[k] = p.center(c), scale[k] = p.scale(c), offset[k] = p.offset(c);
-          out.pixels(xp + off, yp + off, len, 1, len, center, scale, offset);
+          out.pixels(xs, ys, len, 1, len, center, scale, offset);
         } else {
-          out.rows(xp + off, yp + off, cpg, HW, p, i + 1 < end ? len * int64_t(sizeof(T)) : 0);
+          out.rows(xs, ys, cpg, HW, p, i + 1 < end ? len * int64_t(sizeof(T)) : 0);
         }
+        p = following;
       }
     });
     return;
