@@ -88,11 +88,13 @@ def assert_same_at_1_2_3_threads(x, weight, bias, shift, groups):
 @pytest.mark.parametrize("shape", [(3, 64, 8, 8), (2, 40, 32, 33), (2, 16, 32, 32), (2, 16, 64, 80)])
 @pytest.mark.parametrize("shift", [False, True])
 def test_statistics_do_not_depend_on_the_thread_count(dtype, shape, shift):
-    """With AVX-512 the output loop also sums the thread's next slice (NCHW, H*W a multiple of
-    32); a thread's first slice is summed on its own. Both must add in one order, or the outputs
-    would change with the number of threads. At 8 groups: (2, 16, 32, 32) has 2048-value slices;
-    (2, 40, 32, 33) 5280, flushed to fp64 across a row (one run without a shift); (2, 16, 64, 80)
-    two 5120-value rows, flushed inside a row (one run per row with a shift)."""
+    """With AVX-512 the output loop also sums a slice ahead in the thread's stream (NCHW, H*W a
+    multiple of 32): the next, or for slices of up to 4 KiB the one after it; a thread's first
+    slices are summed on their own. Both must add in one order, or the outputs would change with
+    the number of threads. At 8 groups: (3, 64, 8, 8) has 512-value slices (a lead of two);
+    (2, 16, 32, 32) 2048 (two for bf16, one for fp32); (2, 40, 32, 33) 5280, flushed to fp64
+    across a row (one run without a shift); (2, 16, 64, 80) two 5120-value rows, flushed inside a
+    row (one run per row with a shift)."""
     x, weight, bias, s = make(*shape, 8, dtype, channels_last=False, shift=shift, offset=3.0)
     assert_same_at_1_2_3_threads(x, weight, bias, s, 8)
 

@@ -6,7 +6,7 @@
 // statistics). Statistics are fp32 lane sums of (x - pivot), combined in fp64
 // (the pivot, an element of the same group (NCHW) or channel (channels_last), keeps E[x^2] -
 // E[x]^2 from cancelling). A slice is read twice (statistics, then output), the second time from
-// cache; in NCHW the output loop also sums the slice after next. AVX-512 where the
+// cache; in NCHW the output loop also sums a slice ahead. AVX-512 where the
 // CPU has it (checked at run time), with AVX512_BF16 conversions for bf16 output where it has
 // those, portable C++ otherwise. bf16 comes in 32 values at a time as their even- and odd-indexed
 // halves (load32_pair, simd.h), so channels_last blocks of 32 channels keep their per-channel
@@ -543,12 +543,14 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   if (!is_channels_last(x)) {
     // One task per (sample, group): its cpg * HW contiguous elements are read for the statistics,
     // then again (from L1/L2) for the output. Where the output loop can (AVX-512, rows of whole
-    // 32-element vectors), it also sums the slice two after it in the thread's stream: the output
-    // pass is compute-bound and hides those memory reads. Two, not one: the next slice's
-    // statistics (sums reduced, a fp64 square root and division) are then worked out before this
-    // slice's output, not between the two, so the output loop does not wait on their latency
-    // (one thread, 8x8: 7-8% faster; docs/performance.md, session 21).
+    // 32-element vectors), it also sums a slice `lead` ahead in the thread's stream: the output
+    // pass is compute-bound and hides those memory reads. For slices of up to 4 KiB the lead is
+    // two: the next slice's statistics (sums reduced, a fp64 square root and division) are then
+    // worked out before this slice's output, not between the two, so its output loop does not
+    // wait on their latency (one thread, 8x8: 7-8% faster). Larger slices hide it in their length
+    // (docs/performance.md, session 21).
     const bool fuse = out.rows_sums && HW % 32 == 0;
+    const int64_t lead = cpg * HW * int64_t(sizeof(T)) <= 4096 ? 2 : 1;
     parallel_chunks(N * G, [&](int64_t begin, int64_t end, const auto& extend) {
       // Below 16 elements a row, the slice's output runs as one row with its parameters per element
       // (center, scale, offset) instead of one masked vector per channel.
@@ -560,7 +562,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
         const int64_t n = i / G, c0 = (i % G) * cpg;
         return Affine{wp ? wp + c0 : nullptr, bp ? bp + c0 : nullptr, sp ? sp + n * C + c0 : nullptr};
       };
-      double s1, s2;  // sums of slice i + 1 (or begin), pivot its first element
+      double s1, s2;  // sums of the slice summed last, pivot its first element
       float pivot;
       const auto sum = [&](int64_t i) {
         if (simd)
@@ -579,23 +581,24 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
       sum(begin);
       SliceParams p = parameters(begin);
       bool summed = false;  // s1, s2, pivot hold slice i + 1's sums
+      const auto next_parameters = [&](int64_t i) {
+        if (!summed) sum(i + 1);
+        return parameters(i + 1);
+      };
       for (int64_t i = begin; i < end; ++i) {
-        if (i + 3 >= end) end = extend(end);  // keep the owner's stream going: fused sums, prefetch
+        if (i + lead + 1 >= end) end = extend(end);  // keep the owner's stream going: fused sums, prefetch
         SliceParams following{};
-        if (i + 1 < end) {
-          if (!summed) sum(i + 1);
-          following = parameters(i + 1);
-        }
+        if (lead == 2 && i + 1 < end) following = next_parameters(i);
         const T* xs = xp + i * len;
         T* ys = yp + i * len;
-        summed = fuse && i + 2 < end;
+        summed = fuse && i + lead < end;
         if (summed) {
-          const T* next = xs + 2 * len;
-          const Affine a2 = affine(i + 2);
+          const T* next = xs + lead * len;
+          const Affine an = affine(i + lead);
           pivot = to_float(next[0]);
-          for (int64_t c = 0; c < cpg; ++c) next_off[c] = sp ? offset_to_v(a2, c, pivot) : -pivot;
+          for (int64_t c = 0; c < cpg; ++c) next_off[c] = sp ? offset_to_v(an, c, pivot) : -pivot;
           out.rows_sums(xs, ys, cpg, HW, p, next, next_off, sp != nullptr, &s1, &s2,
-                        i + 3 < end ? len * int64_t(sizeof(T)) : 0);
+                        i + lead + 1 < end ? len * int64_t(sizeof(T)) : 0);
         } else if (HW < 16) {
           for (int64_t c = 0, k = 0; c < cpg; ++c)
             for (int64_t j = 0; j < HW; ++j, ++k) center[k] = p.center(c), scale[k] = p.scale(c), offset[k] = p.offset(c);
@@ -603,6 +606,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
         } else {
           out.rows(xs, ys, cpg, HW, p, i + 1 < end ? len * int64_t(sizeof(T)) : 0);
         }
+        if (lead == 1 && i + 1 < end) following = next_parameters(i);
         p = following;
       }
     });
