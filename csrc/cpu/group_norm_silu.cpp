@@ -677,19 +677,22 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   // thread running it): the owner of a run of slices runs each slice's ranges in order, while a
   // thread that wakes late (OMP_WAIT_POLICY=PASSIVE) or finishes early takes 64 KiB ranges.
   // Statistics, per channel:
-  //  - for pixel rows of up to 512 B (with AVX-512), by ranges: the ranges' sums added in order.
-  //    A task's output loop also sums its range of the next slice when no other task has begun
-  //    it, so that pass runs under the output's SiLU instead of on its own, and a range not
-  //    summed so is summed by the task that works out the parameters. Slices are then kept within
-  //    256 KiB, so that a slice's sums, its output pass and the next slice's sums (768 KiB) leave
-  //    it in the 1 MiB L2 for its own output pass;
-  //  - otherwise over all the slice's pixels at once, slices within 512 KiB, read again from L2
-  //    for the output. Wider rows made ranges and the output loop's channel blocks short strided
-  //    walks: fp32 512x16x16 ran 10-25% slower by ranges, 256x16x16 no faster.
+  //  - by ranges (with AVX-512, for pixel rows of up to 512 B and samples of up to 256 KiB): the
+  //    ranges' sums added in order. A task's output loop also sums its range of the next slice
+  //    when no other task has begun it, so that pass runs under the output's SiLU instead of on
+  //    its own, and a range not summed so is summed by the task that works out the parameters.
+  //    A slice's sums, its output pass and the next slice's sums (up to 768 KiB) then leave it in
+  //    the 1 MiB L2 for its own output pass. bf16 128x32x32, 256x16x16 and 8x8: 4-8% faster;
+  //  - otherwise over all the slice's pixels at once, then read again from L2 for the output.
+  //    Wider rows made the output loop's channel blocks short strided walks (fp32 512x16x16:
+  //    10-25% slower by ranges). Larger samples would need slices of part rows to fit the L2:
+  //    fp32 128x32x32 in 256 KiB slices (64 of its 128 channels) ran 13% faster with the threads
+  //    spinning but 10% slower under OMP_WAIT_POLICY=PASSIVE.
   // Either way the statistics do not depend on which thread ran what, nor on the thread count
-  // (docs/performance.md, "channels_last: the statistics pass in the output loop").
-  const bool by_ranges = simd && C * int64_t(sizeof(T)) <= 512;
-  const int64_t threads = at::get_num_threads(), elt = sizeof(T), cap = by_ranges ? 256 << 10 : 512 << 10;
+  // (docs/performance.md, "group_norm_silu channels_last: the statistics pass in the output
+  // loop (session 22)").
+  const int64_t threads = at::get_num_threads(), elt = sizeof(T), cap = 512 << 10;
+  const bool by_ranges = simd && C * elt <= 512 && HW * C * elt <= (256 << 10);
   const auto fewest_blocks = [&](int64_t min_slices) {
     int64_t blocks = 1;
     for (int64_t k = 2; k <= G; ++k) {
