@@ -669,10 +669,10 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   }
 
   // channels_last: slices of (sample, block of whole groups), cb channels of all HW pixels: the
-  // fewest blocks that keep a slice within `cap` and give every thread two slices, with block
+  // fewest blocks that give every thread two slices and keep a slice within 512 KiB, with block
   // boundaries on cache lines (the slices' outputs must not share lines).
-  // A task is one of a slice's `parts` pixel ranges (about 64 KiB of input each at one thread's
-  // blocking: the ranges do not depend on the thread count). The first task to reach a slice
+  // A task is one of a slice's `parts` pixel ranges (1-8, about 64 KiB of a sample each: the
+  // ranges depend on the shape alone, not on the thread count). The first task to reach a slice
   // works out its parameters, and any other waits for them (at most one statistics pass of a
   // thread running it): the owner of a run of slices runs each slice's ranges in order, while a
   // thread that wakes late (OMP_WAIT_POLICY=PASSIVE) or finishes early takes 64 KiB ranges.
@@ -691,22 +691,18 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   // Either way the statistics do not depend on which thread ran what, nor on the thread count
   // (docs/performance.md, "group_norm_silu channels_last: the statistics pass in the output
   // loop (session 22)").
-  const int64_t threads = at::get_num_threads(), elt = sizeof(T), cap = 512 << 10;
-  const bool by_ranges = simd && C * elt <= 512 && HW * C * elt <= (256 << 10);
-  const auto fewest_blocks = [&](int64_t min_slices) {
-    int64_t blocks = 1;
-    for (int64_t k = 2; k <= G; ++k) {
-      if (N * blocks >= min_slices && HW * (C / blocks) * elt <= cap) break;
-      if (G % k) continue;
-      if ((C / k) * elt % 64) break;
-      blocks = k;
-    }
-    return blocks;
-  };
-  const int64_t blocks = fewest_blocks(2 * threads), cb = C / blocks, gpb = G / blocks, slices = N * blocks;
-  const int64_t parts =
-      std::clamp<int64_t>(HW * (C / fewest_blocks(1)) * elt / (64 << 10), 1, std::min<int64_t>(HW, 8));
+  const int64_t threads = at::get_num_threads(), elt = sizeof(T);
+  int64_t blocks = 1;
+  for (int64_t k = 2; k <= G; ++k) {
+    if (N * blocks >= 2 * threads && HW * (C / blocks) * elt <= (512 << 10)) break;
+    if (G % k) continue;
+    if ((C / k) * elt % 64) break;
+    blocks = k;
+  }
+  const int64_t cb = C / blocks, gpb = G / blocks, slices = N * blocks;
+  const int64_t parts = std::clamp<int64_t>(HW * C * elt / (64 << 10), 1, std::min<int64_t>(HW, 8));
   const int64_t tasks = slices * parts;
+  const bool by_ranges = simd && C * elt <= 512 && HW * C * elt <= (256 << 10);
   const bool fuse = by_ranges && cb % 32 == 0;
   const std::unique_ptr<float[]> slice_params(new float[3 * cb * slices]);  // center, scale, offset (pair order)
   // s1, s2 of each task's range (channel order)
