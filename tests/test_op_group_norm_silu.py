@@ -105,16 +105,10 @@ def test_statistics_do_not_depend_on_the_thread_count(dtype, shape, shift):
 def test_channels_last_slices_shared_out_in_parts(dtype, shape):
     """channels_last cuts each slice's output into pixel ranges of ~64 KiB, run as separate tasks by
     whichever thread takes them, after the slice's statistics (computed once, by the first). The
-    slices change with the thread count, the ranges do not: (2, 64, 32, 32) fp32 is one 256 KiB
-    slice per sample at 1 thread, two 128 KiB slices at 2, each in 4 ranges of 256 pixels. With
-    AVX-512, pixel rows of up to 512 B and samples of up to 256 KiB the statistics are the ranges'
-    sums, each summed either in the previous slice's output loop or on its own, depending on which
-    thread ran what; at 1 thread a sample's second slice is summed in the first's output loop, at
-    2 threads its channels are split across two slices, the first of a thread's run summed on its
-    own. (1, 96, 45, 37) has a pixel count that no range count divides (and samples above 256 KiB:
-    summed over the whole slice at once); (2, 40, 24, 24) slices of 40 channels, not whole vectors
-    of 32, whose ranges are always summed on their own; (2, 512, 12, 12) rows of 1-2 KiB, summed
-    over the whole slice at once."""
+    slices and parts change with the thread count: (2, 64, 32, 32) fp32 is 4 parts of one 256 KiB
+    slice per sample at 1 thread, 2 parts of 128 KiB slices at 2; (1, 96, 45, 37) has a pixel count
+    that no part count divides; (2, 40, 24, 24) slices of 40 channels, not whole vectors of 32;
+    (2, 512, 12, 12) rows of 1-2 KiB."""
     x, weight, bias, s = make(*shape, 8, dtype, channels_last=True, offset=3.0)
     assert_same_at_1_2_3_threads(x, weight, bias, s, 8)
 

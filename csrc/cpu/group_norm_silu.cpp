@@ -249,29 +249,13 @@ void to_pair_order(V* values, int64_t channels) {
   }
 }
 
-// channels_last statistics are fp32 partial sums of kPixelFlush pixels (counted from the start of
-// the pixel range summed) added to fp64 totals.
-constexpr int64_t kPixelFlush = 256;
-
-// Adds fp32 partial sums a1, a2 of cb channels, whole blocks of 32 in load32_pair's order, to the
-// fp64 totals s1, s2 in channel order.
-template <typename T>
-void add_pair_sums(const float* a1, const float* a2, int64_t cb, double* s1, double* s2) {
-  constexpr bool paired = std::is_same_v<T, uint16_t>;
-  for (int64_t c = 0; c < cb; c += 32)
-    for (int64_t l = 0; l < 32; ++l) {
-      const int64_t channel = paired ? c + 2 * (l % 16) + l / 16 : c + l;
-      s1[channel] += a1[c + l], s2[channel] += a2[c + l];
-    }
-}
-
 // NV vectors of 16 channels (the last one `last` lanes wide) held in registers over all pixels,
-// in fp32 partial sums of kPixelFlush pixels added to the fp64 totals. Whole blocks of 32 channels
+// in fp32 partial sums of kFlush pixels added to the fp64 totals. Whole blocks of 32 channels
 // are loaded by load32_pair; pivots and sums stay in channel order outside.
 template <typename T, int NV>
 DDPM_AVX512 void pixels_sums_block_avx512(const T* x, int64_t C, int64_t HW, int64_t last, const float* pivot,
                                           double* s1, double* s2) {
-  constexpr int64_t kFlush = kPixelFlush;
+  constexpr int64_t kFlush = 256;
   const __mmask16 mlast = tail_mask(last);
   const int64_t width = 16 * (NV - 1) + last;
   alignas(64) float pivots[16 * NV];  // in the order the loads give the channels
@@ -479,40 +463,6 @@ DDPM_AVX512_BF16 inline void out32_pair_bf16(uint16_t* p, __m512 even, __m512 od
         OUT16(yp + c, z, m);                                                                                   \
       }                                                                                                        \
     }                                                                                                          \
-  } \
-  /* pixels_out with Pairs for cb % 32 == 0 that also sums the same pixels of the next slice, v = next - */    \
-  /* pivot (pair order), in fp32 partial sums of kPixelFlush pixels kept in acc (2 cb floats, L1) and added */  \
-  /* to s1, s2 (channel order): per channel the same operations in the same order as */                         \
-  /* pixels_sums_avx512, so a pixel range's sums do not depend on which path summed it. */                       \
-  template <typename T, bool Act>                                                                              \
-  TARGET void pixels_out_sums_##SUFFIX(const T* x, T* y, int64_t C, int64_t HW, int64_t cb, const float* center, \
-                                       const float* scale, const float* offset, const T* next,                 \
-                                       const float* pivot, float* acc, double* s1, double* s2) {                \
-    constexpr bool precise = std::is_same_v<T, float>;                                                         \
-    for (int64_t c = 0; c < cb; c += 32) {                                                                     \
-      const __m512 c0 = _mm512_loadu_ps(center + c), c1 = _mm512_loadu_ps(center + c + 16);                     \
-      const __m512 s0 = _mm512_loadu_ps(scale + c), s1v = _mm512_loadu_ps(scale + c + 16);                      \
-      const __m512 o0 = _mm512_loadu_ps(offset + c), o1 = _mm512_loadu_ps(offset + c + 16);                     \
-      const __m512 q0 = _mm512_loadu_ps(pivot + c), q1 = _mm512_loadu_ps(pivot + c + 16);                       \
-      for (int64_t p0 = 0; p0 < HW; p0 += kPixelFlush) {                                                       \
-        __m512 a1 = _mm512_setzero_ps(), a2 = a1, b1 = a1, b2 = a1;                                            \
-        for (int64_t p = p0; p < std::min(HW, p0 + kPixelFlush); ++p) {                                       \
-          __m512 u, v;                                                                                         \
-          load32_pair(next + p * C + c, u, v);                                                                 \
-          u = _mm512_sub_ps(u, q0), v = _mm512_sub_ps(v, q1);                                                  \
-          a1 = _mm512_add_ps(a1, u), a2 = _mm512_fmadd_ps(u, u, a2);                                           \
-          b1 = _mm512_add_ps(b1, v), b2 = _mm512_fmadd_ps(v, v, b2);                                           \
-          __m512 z0, z1;                                                                                       \
-          load32_pair(x + p * C + c, z0, z1);                                                                  \
-          z0 = _mm512_fmadd_ps(_mm512_add_ps(z0, c0), s0, o0), z1 = _mm512_fmadd_ps(_mm512_add_ps(z1, c1), s1v, o1); \
-          if constexpr (Act) z0 = silu16_fast<precise>(z0), z1 = silu16_fast<precise>(z1);                    \
-          OUT32_PAIR(y + p * C + c, z0, z1);                                                                   \
-        }                                                                                                      \
-        _mm512_storeu_ps(acc, a1), _mm512_storeu_ps(acc + 16, b1);                                             \
-        _mm512_storeu_ps(acc + 32, a2), _mm512_storeu_ps(acc + 48, b2);                                        \
-        add_pair_sums<T>(acc, acc + 32, 32, s1 + c, s2 + c);                                                   \
-      }                                                                                                        \
-    }                                                                                                          \
   }
 
 GN_OUTPUT_KERNELS(DDPM_AVX512, avx512, out16, out32, store32_pair)
@@ -528,16 +478,11 @@ template <typename T>
 using PixelsOut = void (*)(const T*, T*, int64_t, int64_t, int64_t, const float*, const float*, const float*);
 
 template <typename T>
-using PixelsOutSums = void (*)(const T*, T*, int64_t, int64_t, int64_t, const float*, const float*, const float*,
-                               const T*, const float*, float*, double*, double*);
-
-template <typename T>
 struct OutputKernels {
   RowsOut<T> rows;
   RowsOutSums<T> rows_sums;  // null without AVX-512
   PixelsOut<T> pixels;
   PixelsOut<T> pixels_pairs;  // parameters in pair order (to_pair_order); pixels without AVX-512
-  PixelsOutSums<T> pixels_sums;  // pixels_pairs that also sums the next slice; null without AVX-512
 };
 
 enum class Isa { kScalar, kAvx512, kAvx512Bf16 };
@@ -547,11 +492,11 @@ OutputKernels<T> output_kernels(Isa isa) {
   if constexpr (std::is_same_v<T, uint16_t>)
     if (isa == Isa::kAvx512Bf16)
       return {rows_out_avx512bf16<T, Act>, rows_out_sums_avx512bf16<T, Act>, pixels_out_avx512bf16<T, Act>,
-              pixels_out_avx512bf16<T, Act, true>, pixels_out_sums_avx512bf16<T, Act>};
+              pixels_out_avx512bf16<T, Act, true>};
   if (isa != Isa::kScalar)
     return {rows_out_avx512<T, Act>, rows_out_sums_avx512<T, Act>, pixels_out_avx512<T, Act>,
-            pixels_out_avx512<T, Act, true>, pixels_out_sums_avx512<T, Act>};
-  return {rows_out_scalar<T, Act>, nullptr, pixels_out_scalar<T, Act>, pixels_out_scalar<T, Act>, nullptr};
+            pixels_out_avx512<T, Act, true>};
+  return {rows_out_scalar<T, Act>, nullptr, pixels_out_scalar<T, Act>, pixels_out_scalar<T, Act>};
 }
 
 // ---- op ----
@@ -668,29 +613,10 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
     return;
   }
 
-  // channels_last: slices of (sample, block of whole groups), cb channels of all HW pixels: the
-  // fewest blocks that give every thread two slices and keep a slice within 512 KiB, with block
-  // boundaries on cache lines (the slices' outputs must not share lines).
-  // A task is one of a slice's `parts` pixel ranges (1-8, about 64 KiB of a sample each: the
-  // ranges depend on the shape alone, not on the thread count). The first task to reach a slice
-  // works out its parameters, and any other waits for them (at most one statistics pass of a
-  // thread running it): the owner of a run of slices runs each slice's ranges in order, while a
-  // thread that wakes late (OMP_WAIT_POLICY=PASSIVE) or finishes early takes 64 KiB ranges.
-  // Statistics, per channel:
-  //  - by ranges (with AVX-512, for pixel rows of up to 512 B and samples of up to 256 KiB): the
-  //    ranges' sums added in order. A task's output loop also sums its range of the next slice
-  //    when no other task has begun it, so that pass runs under the output's SiLU instead of on
-  //    its own, and a range not summed so is summed by the task that works out the parameters.
-  //    A slice's sums, its output pass and the next slice's sums (up to 768 KiB) then leave it in
-  //    the 1 MiB L2 for its own output pass. bf16 128x32x32, 256x16x16 and 8x8: 4-8% faster;
-  //  - otherwise over all the slice's pixels at once, then read again from L2 for the output.
-  //    Wider rows made the output loop's channel blocks short strided walks (fp32 512x16x16:
-  //    10-25% slower by ranges). Larger samples would need slices of part rows to fit the L2:
-  //    fp32 128x32x32 in 256 KiB slices (64 of its 128 channels) ran 13% faster with the threads
-  //    spinning but 10% slower under OMP_WAIT_POLICY=PASSIVE.
-  // Either way the statistics do not depend on which thread ran what, nor on the thread count
-  // (docs/performance.md, "group_norm_silu channels_last: the statistics pass in the output
-  // loop (session 22)").
+  // channels_last: slices of (sample, block of whole groups), cb channels of all HW pixels: a slice
+  // is read once for the per-channel sums and again, from L2, for the output. The fewest blocks
+  // that give every thread two slices and keep a slice within 512 KiB, with block boundaries on
+  // cache lines (the slices' outputs must not share lines).
   const int64_t threads = at::get_num_threads(), elt = sizeof(T);
   int64_t blocks = 1;
   for (int64_t k = 2; k <= G; ++k) {
@@ -700,56 +626,31 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
     blocks = k;
   }
   const int64_t cb = C / blocks, gpb = G / blocks, slices = N * blocks;
-  const int64_t parts = std::clamp<int64_t>(HW * C * elt / (64 << 10), 1, std::min<int64_t>(HW, 8));
-  const int64_t tasks = slices * parts;
-  const bool by_ranges = simd && C * elt <= 512 && HW * C * elt <= (256 << 10);
-  const bool fuse = by_ranges && cb % 32 == 0;
+  // A task is one of a slice's `parts` pixel ranges (about 64 KiB of input each). The first task to
+  // reach a slice computes its statistics and parameters, and any other waits for them: the owner
+  // runs a slice's parts in order, so it reads the slice twice as before, while a thread that wakes
+  // late (OMP_WAIT_POLICY=PASSIVE) or finishes early shares out 64 KiB parts rather than 512 KiB
+  // slices. A wait is at most one statistics pass of a thread that is running it.
+  const int64_t parts = std::clamp<int64_t>(HW * cb * elt / (64 << 10), 1, std::min<int64_t>(HW, 8));
   const std::unique_ptr<float[]> slice_params(new float[3 * cb * slices]);  // center, scale, offset (pair order)
-  // s1, s2 of each task's range (channel order)
-  const std::unique_ptr<double[]> range_sums(new double[by_ranges ? 2 * cb * tasks : 0]);
-  // per slice (parameters) and per task (its range's sums): 0 not begun, 1 being computed, 2 ready
-  const std::unique_ptr<std::atomic<int>[]> state(new std::atomic<int>[slices + tasks]);
-  std::atomic<int>* summed = state.get() + slices;
-  for (int64_t t = 0; t < slices + tasks; ++t) state[t].store(0, std::memory_order_relaxed);
-  const auto claim = [](std::atomic<int>& s) {
-    int expected = 0;
-    return s.compare_exchange_strong(expected, 1, std::memory_order_acquire);
-  };
-  const auto wait_ready = [](std::atomic<int>& s) {  // spin, then yield in case the other thread was descheduled
-    for (int spins = 0; s.load(std::memory_order_acquire) != 2; ++spins) {
-      if (spins < 4096)
-        _mm_pause();
-      else
-        std::this_thread::yield();
-    }
-  };
-  const auto slice_at = [&](int64_t t) { return (t / blocks) * HW * C + (t % blocks) * cb; };  // first element
-  const auto pixels = [&](int64_t k) {  // task k's pixel range [p0, p1) of its slice
-    return std::make_pair(HW * (k % parts) / parts, HW * (k % parts + 1) / parts);
-  };
-  parallel_chunks(tasks, [&](int64_t begin, int64_t end, const auto& extend) {
+  // per slice: 0 no statistics yet, 1 being computed, 2 ready
+  const std::unique_ptr<std::atomic<int>[]> state(new std::atomic<int>[slices]);
+  for (int64_t t = 0; t < slices; ++t) state[t].store(0, std::memory_order_relaxed);
+  auto slice_at = [&](int64_t t) { return (t / blocks) * HW * C + (t % blocks) * cb; };  // slice t's first element
+  parallel_chunks(slices * parts, [&](int64_t begin, int64_t end, const auto& extend) {
     std::vector<double> sums(2 * cb);
-    std::vector<float> scratch(4 * cb);
-    float *pivot = scratch.data(), *pivot_s = pivot + cb, *acc = pivot_s + cb;  // acc: 2 cb
-    const auto pivots = [&](int64_t t) {
-      const T* xs = xp + slice_at(t);
-      for (int64_t c = 0; c < cb; ++c) pivot[c] = to_float(xs[c]);
-    };
-    const auto range_sums_of = [&](int64_t k) { return range_sums.get() + 2 * cb * k; };
-    // task k's range summed on its own (pivot: its slice's)
-    const auto sum_range = [&](int64_t k) {
-      const int64_t t = k / parts;
-      const auto [p0, p1] = pixels(k);
-      const T* xr = xp + slice_at(t) + p0 * C;
-      double *s1 = range_sums_of(k), *s2 = s1 + cb;
-      std::fill(s1, s1 + 2 * cb, 0.0);
-      pixels_sums_avx512(xr, C, p1 - p0, cb, pivot, s1, s2);
-    };
-    // slice t's mean, rstd and output parameters from its per-channel sums s1, s2 (`sums`)
-    const auto parameters = [&](int64_t t) {
+    std::vector<float> pivots(2 * cb);
+    double *s1 = sums.data(), *s2 = s1 + cb;
+    float *pivot = pivots.data(), *pivot_s = pivot + cb;
+    // slice t's parameters, computed here by the first task to need them
+    auto statistics = [&](int64_t t, const T* xs, float* center, float* scale, float* offset) {
       const int64_t n = t / blocks, c0 = (t % blocks) * cb;
-      const double *s1 = sums.data(), *s2 = s1 + cb;
-      float *center = slice_params.get() + 3 * cb * t, *scale = center + cb, *offset = scale + cb;
+      for (int64_t c = 0; c < cb; ++c) pivot[c] = to_float(xs[c]);
+      std::fill(sums.begin(), sums.end(), 0.0);
+      if (simd)
+        pixels_sums_avx512(xs, C, HW, cb, pivot, s1, s2);
+      else
+        pixels_sums_scalar(xs, C, HW, cb, pivot, s1, s2);
       for (int64_t j = 0; j < gpb; ++j) {
         const int64_t i = n * G + c0 / cpg + j, cj = j * cpg;
         // sums of x - x0 are sums of (x + shift) - (x0 + shift): the pivot carries the shift
@@ -763,46 +664,28 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
       }
       if (simd) to_pair_order<T>(center, cb), to_pair_order<T>(scale, cb), to_pair_order<T>(offset, cb);
     };
-    const auto ensure_parameters = [&](int64_t t) {
-      if (state[t].load(std::memory_order_acquire) == 2) return;
-      if (!claim(state[t])) return wait_ready(state[t]);
-      std::fill(sums.begin(), sums.end(), 0.0);
-      pivots(t);
-      if (by_ranges) {
-        for (int64_t k = t * parts; k < (t + 1) * parts; ++k)
-          if (claim(summed[k])) sum_range(k), summed[k].store(2, std::memory_order_release);
-        for (int64_t k = t * parts; k < (t + 1) * parts; ++k) {
-          wait_ready(summed[k]);
-          const double* r = range_sums_of(k);
-          for (int64_t c = 0; c < 2 * cb; ++c) sums[c] += r[c];
-        }
-      } else if (simd) {
-        pixels_sums_avx512(xp + slice_at(t), C, HW, cb, pivot, sums.data(), sums.data() + cb);
-      } else {
-        pixels_sums_scalar(xp + slice_at(t), C, HW, cb, pivot, sums.data(), sums.data() + cb);
-      }
-      parameters(t);
-      state[t].store(2, std::memory_order_release);
-    };
     for (int64_t k = begin; k < end; ++k) {
       if (k + 1 >= end) end = extend(end);  // the owner's next chunk
-      const int64_t t = k / parts;
-      const auto [p0, p1] = pixels(k);
-      ensure_parameters(t);
-      const T* xr = xp + slice_at(t) + p0 * C;
-      T* yr = yp + slice_at(t) + p0 * C;
-      const float *center = slice_params.get() + 3 * cb * t, *scale = center + cb, *offset = scale + cb;
-      if (fuse && k + parts < tasks && claim(summed[k + parts])) {
-        double* s1 = range_sums_of(k + parts);
-        pivots(t + 1);
-        to_pair_order<T>(pivot, cb);
-        std::fill(s1, s1 + 2 * cb, 0.0);
-        out.pixels_sums(xr, yr, C, p1 - p0, cb, center, scale, offset, xp + slice_at(t + 1) + p0 * C, pivot, acc, s1,
-                        s1 + cb);
-        summed[k + parts].store(2, std::memory_order_release);
-      } else {
-        out.pixels_pairs(xr, yr, C, p1 - p0, cb, center, scale, offset);
+      const int64_t t = k / parts, part = k % parts, start = slice_at(t);
+      const T* xs = xp + start;
+      T* ys = yp + start;
+      float *center = slice_params.get() + 3 * cb * t, *scale = center + cb, *offset = scale + cb;
+      int expected = 0;
+      if (parts == 1) {  // the slice's only task
+        statistics(t, xs, center, scale, offset);
+      } else if (state[t].compare_exchange_strong(expected, 1, std::memory_order_acquire)) {
+        statistics(t, xs, center, scale, offset);
+        state[t].store(2, std::memory_order_release);
+      } else {  // spin, then yield in case the other thread was descheduled (an oversubscribed machine)
+        for (int spins = 0; state[t].load(std::memory_order_acquire) != 2; ++spins) {
+          if (spins < 4096)
+            _mm_pause();
+          else
+            std::this_thread::yield();
+        }
       }
+      const int64_t p0 = HW * part / parts, p1 = HW * (part + 1) / parts;
+      out.pixels_pairs(xs + p0 * C, ys + p0 * C, C, p1 - p0, cb, center, scale, offset);
     }
   });
 }
