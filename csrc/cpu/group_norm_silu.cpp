@@ -323,9 +323,10 @@ DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t c
 //   pixels_out: HW pixels of a block of cb channels (channels_last, pixel stride C), per-channel
 //   parameters;
 //   ahead (rows): the distance in bytes to the next task's slice, prefetched as the pass goes (0:
-//   none). pixels_out does not prefetch: its slices are up to 512 KiB, and bringing in the next one
-//   evicted the current slice from the 1 MiB L2 before the output pass re-read it (warm fp32
-//   8-17% slower at 128x32x32 and 512x16x16 with it; docs/performance.md, session 18).
+//   none). pixels_out does not prefetch: its slices are whole samples, 512 KiB at 128x32x32, and
+//   bringing in the next one evicted the current slice from the 1 MiB L2 before the output pass
+//   re-read it (warm fp32 8-17% slower at 128x32x32 and 512x16x16 with it; docs/performance.md,
+//   session 18).
 
 template <typename T, bool Act>
 void rows_out_scalar(const T* x, T* y, int64_t rows, int64_t len, const SliceParams& p, int64_t /*ahead*/) {
@@ -614,13 +615,15 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   }
 
   // channels_last: slices of (sample, block of whole groups), cb channels of all HW pixels: a slice
-  // is read once for the per-channel sums and again, from L2, for the output. The fewest blocks
-  // that give every thread two slices and keep a slice within 512 KiB, with block boundaries on
-  // cache lines (the slices' outputs must not share lines).
+  // is read once for the per-channel sums and again, from cache, for the output. Whole pixel rows
+  // (one block) unless there are too few samples to give every thread two slices; then the fewest
+  // blocks that do, with block boundaries on cache lines (the slices' outputs must not share
+  // lines). Not blocks to fit a slice in L2: a block reads part of every row, and rows of 1 KiB
+  // read in halves reach only half of the L2's sets (fp32 8x256x32x32 ran 1.8x slower in 512 KiB
+  // half-row slices than in 1 MiB whole ones; docs/performance.md, session 23).
   const int64_t threads = at::get_num_threads(), elt = sizeof(T);
   int64_t blocks = 1;
-  for (int64_t k = 2; k <= G; ++k) {
-    if (N * blocks >= 2 * threads && HW * (C / blocks) * elt <= (512 << 10)) break;
+  for (int64_t k = 2; k <= G && N * blocks < 2 * threads; ++k) {
     if (G % k) continue;
     if ((C / k) * elt % 64) break;
     blocks = k;
@@ -629,8 +632,8 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   // A task is one of a slice's `parts` pixel ranges (about 64 KiB of input each). The first task to
   // reach a slice computes its statistics and parameters, and any other waits for them: the owner
   // runs a slice's parts in order, so it reads the slice twice as before, while a thread that wakes
-  // late (OMP_WAIT_POLICY=PASSIVE) or finishes early shares out 64 KiB parts rather than 512 KiB
-  // slices. A wait is at most one statistics pass of a thread that is running it.
+  // late (OMP_WAIT_POLICY=PASSIVE) or finishes early shares out 64 KiB parts (at most 8 a slice)
+  // rather than whole slices. A wait is at most one statistics pass of a thread that is running it.
   const int64_t parts = std::clamp<int64_t>(HW * cb * elt / (64 << 10), 1, std::min<int64_t>(HW, 8));
   const std::unique_ptr<float[]> slice_params(new float[3 * cb * slices]);  // center, scale, offset (pair order)
   // per slice: 0 no statistics yet, 1 being computed, 2 ready
