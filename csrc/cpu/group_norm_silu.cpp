@@ -1017,13 +1017,13 @@ void backward_avx512(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
     return;
   }
 
-  // channels_last: the fewest blocks of whole groups that give every thread two tasks and keep x,
-  // dy and the fp32 dz of a block within ~768 KiB (L2), block boundaries on cache lines.
+  // channels_last: whole pixel rows unless there are too few samples to give every thread two
+  // tasks; then the fewest blocks of whole groups that do, block boundaries on cache lines. As in
+  // the forward, not blocks to fit x, dy and dz in L2: part of each row costs more (fp32
+  // 16x128x32x32 in half-row blocks of 768 KiB 685-1035 us, in whole rows 566-597; session 23).
   const int64_t threads = at::get_num_threads(), elt = sizeof(T);
-  const int64_t per_elt = Act ? 2 * elt + 4 : 2 * elt;
   int64_t blocks = 1;
-  for (int64_t k = 2; k <= G; ++k) {
-    if (N * blocks >= 2 * threads && HW * (C / blocks) * per_elt <= (768 << 10)) break;
+  for (int64_t k = 2; k <= G && N * blocks < 2 * threads; ++k) {
     if (G % k) continue;
     if ((C / k) * elt % 64) break;
     blocks = k;
