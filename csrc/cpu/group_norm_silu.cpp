@@ -618,9 +618,9 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   // is read once for the per-channel sums and again, from cache, for the output. Whole pixel rows
   // (one block) unless there are too few samples to give every thread two slices; then the fewest
   // blocks that do, with block boundaries on cache lines (the slices' outputs must not share
-  // lines). Not blocks to fit a slice in L2: a block reads part of every row, and rows of 1 KiB
-  // read in halves reach only half of the L2's sets (fp32 8x256x32x32 ran 1.8x slower in 512 KiB
-  // half-row slices than in 1 MiB whole ones; docs/performance.md, session 23).
+  // lines). Not blocks to fit a slice in L2: a block reads part of every row, and that measured
+  // slower than whole rows at every size tried (fp32 8x256x32x32 1.8x slower in 512 KiB half-row
+  // slices than in 1 MiB whole ones; docs/performance.md, session 23).
   const int64_t threads = at::get_num_threads(), elt = sizeof(T);
   int64_t blocks = 1;
   for (int64_t k = 2; k <= G && N * blocks < 2 * threads; ++k) {
