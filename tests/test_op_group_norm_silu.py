@@ -101,14 +101,15 @@ def test_statistics_do_not_depend_on_the_thread_count(dtype, shape, shift):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(2, 64, 32, 32), (1, 96, 45, 37), (3, 32, 64, 16), (2, 40, 24, 24),
-                                   (2, 512, 12, 12)])
+                                   (2, 512, 12, 12), (4, 256, 32, 32)])
 def test_channels_last_slices_shared_out_in_parts(dtype, shape):
     """channels_last cuts each slice's output into pixel ranges of ~64 KiB, run as separate tasks by
     whichever thread takes them, after the slice's statistics (computed once, by the first). The
     slices and parts change with the thread count: (2, 64, 32, 32) fp32 is 4 parts of one 256 KiB
     slice per sample at 1 thread, 2 parts of 128 KiB slices at 2; (1, 96, 45, 37) has a pixel count
     that no part count divides; (2, 40, 24, 24) slices of 40 channels, not whole vectors of 32;
-    (2, 512, 12, 12) rows of 1-2 KiB."""
+    (2, 512, 12, 12) rows of 1-2 KiB; (4, 256, 32, 32) samples of 0.5-1 MiB, whole-row slices at 1
+    and 2 threads, blocks of half the channels at 3."""
     x, weight, bias, s = make(*shape, 8, dtype, channels_last=True, offset=3.0)
     assert_same_at_1_2_3_threads(x, weight, bias, s, 8)
 
