@@ -616,14 +616,15 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
 
   // channels_last: slices of (sample, block of whole groups), cb channels of all HW pixels: a slice
   // is read once for the per-channel sums and again, from cache, for the output. Whole pixel rows
-  // (one block) unless there are too few samples to give every thread two slices; then the fewest
-  // blocks that do, with block boundaries on cache lines (the slices' outputs must not share
-  // lines). Not blocks to fit a slice in L2: a block reads part of every row, and that measured
-  // slower than whole rows at every size tried (fp32 8x256x32x32 1.8x slower in 512 KiB half-row
-  // slices than in 1 MiB whole ones; docs/performance.md, session 23).
+  // (one block) unless several threads have too few samples to get two slices each; then the
+  // fewest blocks that give them two, with block boundaries on cache lines (the slices' outputs
+  // must not share lines). Not blocks to fit a slice in L2, nor for one thread: a block reads part
+  // of every row, and that measured slower than whole rows at every size tried (fp32 8x256x32x32
+  // 1.8x slower in 512 KiB half-row slices than in 1 MiB whole ones; docs/performance.md,
+  // session 23).
   const int64_t threads = at::get_num_threads(), elt = sizeof(T);
   int64_t blocks = 1;
-  for (int64_t k = 2; k <= G && N * blocks < 2 * threads; ++k) {
+  for (int64_t k = 2; k <= G && threads > 1 && N * blocks < 2 * threads; ++k) {
     if (G % k) continue;
     if ((C / k) * elt % 64) break;
     blocks = k;
@@ -1021,6 +1022,9 @@ void backward_avx512(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
   // tasks; then the fewest blocks of whole groups that do, block boundaries on cache lines. As in
   // the forward, not blocks to fit x, dy and dz in L2: part of each row costs more (fp32
   // 16x128x32x32 in half-row blocks of 768 KiB 685-1035 us, in whole rows 566-597; session 23).
+  // Unlike the forward, one thread still takes two blocks of a lone sample: there x, dy and dz
+  // of a block stay in L2 across the two passes (fp32 1x128x32x32, one thread: 35-38 us in half
+  // rows, 55 in whole ones).
   const int64_t threads = at::get_num_threads(), elt = sizeof(T);
   int64_t blocks = 1;
   for (int64_t k = 2; k <= G && N * blocks < 2 * threads; ++k) {
