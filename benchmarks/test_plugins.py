@@ -12,6 +12,10 @@ and for compile the compilation seconds (the first calls, before the timed round
 
 The spec ``""`` (eager against eager) is the noise floor of the run: its speedup should be 1.
 
+``test_norms_in_step``: the GroupNorm(+shift)(+SiLU) calls of the same forward, timed where the
+model makes them (forward hooks on every ``NormAct``), with ``fused_norm`` and ``fused_norm,int8``
+against eager fp32: the norms' summed time per forward and each call site's median per call.
+
 Compile combinations are marked ``compile`` (compiling the cifar10 U-Net takes minutes on
 the CPU): ``pytest benchmarks/test_plugins.py -m 'not compile'`` (or ``-k 'not compile'``)
 leaves them out; in smoke runs they are skipped unless DDPM_PERF_BENCH_SMOKE_COMPILE=1.
