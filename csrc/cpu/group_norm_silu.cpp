@@ -528,6 +528,22 @@ bool is_channels_last(const Tensor& x) {
   return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// channels_last tasks are (sample, block of whole groups) slices. Whole pixel rows (one block)
+// unless N samples give fewer than min_slices; then the fewest blocks that give that many, with
+// block boundaries on cache lines (the slices' outputs must not share lines). Not blocks to fit a
+// slice in L2: a block reads part of every row, which measured slower than whole rows at every
+// size tried (fp32 8x256x32x32 1.8x slower in 512 KiB half-row slices than in 1 MiB whole ones;
+// docs/performance.md, session 23).
+int64_t channels_last_blocks(int64_t N, int64_t C, int64_t G, int64_t elt, int64_t min_slices) {
+  int64_t blocks = 1;
+  for (int64_t k = 2; k <= G && N * blocks < min_slices; ++k) {
+    if (G % k) continue;
+    if ((C / k) * elt % 64) break;
+    blocks = k;
+  }
+  return blocks;
+}
+
 template <typename T>
 void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, const Tensor& s, int64_t G,
                   float eps, bool act, float* mean, float* rstd) {
@@ -614,21 +630,12 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
     return;
   }
 
-  // channels_last: slices of (sample, block of whole groups), cb channels of all HW pixels: a slice
-  // is read once for the per-channel sums and again, from cache, for the output. Whole pixel rows
-  // (one block) unless several threads have too few samples to get two slices each; then the
-  // fewest blocks that give them two, with block boundaries on cache lines (the slices' outputs
-  // must not share lines). Not blocks to fit a slice in L2, nor for one thread: a block reads part
-  // of every row, and that measured slower than whole rows at every size tried (fp32 8x256x32x32
-  // 1.8x slower in 512 KiB half-row slices than in 1 MiB whole ones; docs/performance.md,
-  // session 23).
+  // channels_last: slices of cb channels of all HW pixels (channels_last_blocks): a slice is read
+  // once for the per-channel sums and again, from cache, for the output. Two slices for each of
+  // several threads; one thread takes whole samples, lone or not (batch 1: fp32 1x128x64x64
+  // 107-118 us in two half-row blocks, 87-102 in whole rows; session 23).
   const int64_t threads = at::get_num_threads(), elt = sizeof(T);
-  int64_t blocks = 1;
-  for (int64_t k = 2; k <= G && threads > 1 && N * blocks < 2 * threads; ++k) {
-    if (G % k) continue;
-    if ((C / k) * elt % 64) break;
-    blocks = k;
-  }
+  const int64_t blocks = channels_last_blocks(N, C, G, elt, threads > 1 ? 2 * threads : 1);
   const int64_t cb = C / blocks, gpb = G / blocks, slices = N * blocks;
   // A task is one of a slice's `parts` pixel ranges (about 64 KiB of input each). The first task to
   // reach a slice computes its statistics and parameters, and any other waits for them: the owner
@@ -1018,20 +1025,13 @@ void backward_avx512(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
     return;
   }
 
-  // channels_last: whole pixel rows unless there are too few samples to give every thread two
-  // tasks; then the fewest blocks of whole groups that do, block boundaries on cache lines. As in
-  // the forward, not blocks to fit x, dy and dz in L2: part of each row costs more (fp32
-  // 16x128x32x32 in half-row blocks of 768 KiB 685-1035 us, in whole rows 566-597; session 23).
-  // Unlike the forward, one thread still takes two blocks of a lone sample: there x, dy and dz
-  // of a block stay in L2 across the two passes (fp32 1x128x32x32, one thread: 35-38 us in half
-  // rows, 55 in whole ones).
+  // channels_last: two tasks for every thread (channels_last_blocks; whole rows at batch 16: fp32
+  // 16x128x32x32 685-1035 us in half-row blocks of 768 KiB, 566-597 in whole rows). Unlike the
+  // forward, one thread still takes two blocks of a lone sample: there x, dy and dz of a block
+  // stay in L2 across the two passes (fp32 1x128x32x32, one thread: 35-38 us in half rows, 55 in
+  // whole ones; session 23).
   const int64_t threads = at::get_num_threads(), elt = sizeof(T);
-  int64_t blocks = 1;
-  for (int64_t k = 2; k <= G && N * blocks < 2 * threads; ++k) {
-    if (G % k) continue;
-    if ((C / k) * elt % 64) break;
-    blocks = k;
-  }
+  const int64_t blocks = channels_last_blocks(N, C, G, elt, 2 * threads);
   const int64_t cb = C / blocks, nvec = (cb + 15) / 16;
   parallel_chunks(N * blocks, [&](int64_t begin, int64_t end, const auto&) {
     std::vector<float> scratch(Act ? nvec * 16 * HW : 0), params(7 * 16 * nvec);
