@@ -785,8 +785,8 @@ void backward_scalar(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
 // walks each channel's row (broadcast parameters); channels_last walks the pixels, 16 channels a
 // vector (per-lane parameters), each pixel's channels of the block as one contiguous run.
 
-// The backward's sigmoid is the precise one of the forward (relative error ~2e-7), for bf16 too:
-// dw and db are fp32 sums, and the cheaper degree-3 version saved only ~10% of the bf16 backward.
+// The backward's sigmoid is the precise one of the forward (relative error ~3e-7), for bf16 too:
+// dw and db are fp32 sums, and the cheaper bf16-output version saved only ~10% of the bf16 backward.
 
 // NCHW pass 1 over `count` vectors `step` elements apart (lanes outside `m` are zero). xhat = (x + center) * rs,
 // z = xhat * w + b, dz = dy * silu'(z) (or dy without the activation), stored to dz_out[16 k].

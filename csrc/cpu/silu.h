@@ -4,16 +4,17 @@
 // backward). A header of its own so that benchmarks/silu_sequences.cpp times exactly this code
 // against the reciprocal sequence it replaced.
 //
-// z * sigmoid(z) = z / (1 + 2^t) with t = -z log2(e) = r + f, r a multiple of 1/16 and
-// |f| <= 1/32: 2^r = 2^floor(r) * 2^(k/16) by scalef and a 16-entry table (vpermps), 2^f by a
-// short polynomial, then one division. Precise, for fp32 outputs: degree 3 in f (relative error
-// <= 2.4e-7 on [-7, 7]) and a division, 12 instructions; otherwise, for bf16 outputs whose
-// rounding error is 2^-9: degree 1 (2.9e-4) and rcp14 (2^-14), 10 instructions. The table moves
-// work off the multiply pipes, which bound the sequence: on the Zen 5 it cut fp32 from 1.50-1.53
-// to 1.32-1.33 ns per 16 values and bf16 outputs from 1.21-1.24 to 0.96-0.97 ns, against a
-// degree-5 (degree-3) polynomial over |f| <= 1/2 (docs/performance.md, "group_norm_silu: a table
-// for the exponential (session 14)"). The division beat rcp14 and a Newton step in speed and
-// accuracy on both machines measured ("group_norm_silu: the division").
+// z * sigmoid(z) = z / (1 + 2^t) with t = -z log2(e) = r + f: 2^r = 2^floor(r) * 2^(k/n) by scalef
+// and an n-entry table, 2^f by a short polynomial, then one division or rcp14. Precise, for fp32
+// outputs: r a multiple of 1/32, |f| <= 1/64, a 32-entry table (vpermt2ps), a degree-2 minimax
+// polynomial and the division (relative error <= 2.9e-7 on [-7, 7]). Otherwise, for bf16 outputs
+// whose rounding error is 2^-9: sixteenths, a 16-entry table (vpermps), degree 1 (2.9e-4) and
+// rcp14 (2^-14). Every instruction the table saves is a multiply-pipe instruction, and those bound
+// the sequence: on the Zen 5 sixteenths and degree 3 cut fp32 from 1.50-1.53 to 1.32-1.33 ns per
+// 16 values against degree 5 over |f| <= 1/2 ("group_norm_silu: a table for the exponential
+// (session 14)"); on the Zen 4 thirty-seconds and degree 2 cut it from 2.65 to 2.47 ns ("the SiLU
+// on the Zen 4 (session 24)", docs/performance.md). The division beat rcp14 and a Newton step in
+// speed and accuracy on every machine measured ("group_norm_silu: the division").
 #include <immintrin.h>
 
 #include <cmath>
@@ -30,6 +31,22 @@ DDPM_AVX512 inline __m512 exp2_sixteenths() {
                         1.7562521603732995f, 1.8340080864093424f, 1.9152065613971474f);
 }
 
+// 2^(k/32), k = 0..15
+DDPM_AVX512 inline __m512 exp2_thirty_seconds_low() {
+  return _mm512_setr_ps(1.0f, 1.0218971486541167f, 1.0442737824274138f, 1.0671404006768236f,
+                        1.0905077326652577f, 1.1143867425958925f, 1.1387886347566917f, 1.1637248587775775f,
+                        1.1892071150027211f, 1.2152473599804689f, 1.241857812073484f, 1.2690509571917332f,
+                        1.2968395546510097f, 1.3252366431597413f, 1.3542555469368927f, 1.383909881963832f);
+}
+
+// 2^(k/32), k = 16..31
+DDPM_AVX512 inline __m512 exp2_thirty_seconds_high() {
+  return _mm512_setr_ps(1.414213562373095f, 1.4451808069770466f, 1.4768261459394993f, 1.5091644275934227f,
+                        1.5422108254079408f, 1.5759808451078865f, 1.6104903319492543f, 1.6457554781539648f,
+                        1.6817928305074291f, 1.7186192981224779f, 1.7562521603732995f, 1.7947090750031072f,
+                        1.8340080864093425f, 1.8741676341102999f, 1.9152065613971473f, 1.9571441241754003f);
+}
+
 // z with its magnitude clamped to `limit`, keeping z's sign (vrangeps imm 0b0010; 0b0110 would
 // take the chosen operand's sign, +limit for z < -limit). NaN stays NaN.
 DDPM_AVX512 inline __m512 clamp_magnitude(__m512 z, float limit) {
@@ -38,19 +55,22 @@ DDPM_AVX512 inline __m512 clamp_magnitude(__m512 z, float limit) {
 
 template <bool Precise>
 DDPM_AVX512 inline __m512 one_plus_exp_neg(__m512 zc) {  // 1 + e^-zc, |zc| <= 1000; inf beyond ~88
-  const __m512 c = _mm512_set1_ps(-1.44269504088896341f), magic = _mm512_set1_ps(786432.f);
-  // s = t + 1.5 * 2^19 has a sixteenth as its last place: s - magic is t rounded to sixteenths,
-  // and s's low 4 bits are k, the table index (vpermps reads only those).
+  const __m512 c = _mm512_set1_ps(-1.44269504088896341f);
+  // s = t + 1.5 * 2^(23 - b) has 2^-b as its last place: s - magic is t rounded to that, and s's
+  // low b bits are k, the table index (vpermt2ps reads the low 5 bits, vpermps the low 4).
+  const __m512 magic = _mm512_set1_ps(Precise ? 393216.f : 786432.f);
   const __m512 s = _mm512_fmadd_ps(zc, c, magic);
   const __m512 r = _mm512_sub_ps(s, magic);
-  const __m512 table = _mm512_permutexvar_ps(_mm512_castps_si512(s), exp2_sixteenths());
-  __m512 e;  // 2^(k/16) * 2^f
+  const __m512i k = _mm512_castps_si512(s);
+  __m512 e;  // 2^(k/n) * 2^f
   if constexpr (Precise) {
+    const __m512 table = _mm512_permutex2var_ps(exp2_thirty_seconds_low(), k, exp2_thirty_seconds_high());
     const __m512 f = _mm512_fmsub_ps(zc, c, r);  // zc * c - r with zc * c unrounded
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(5.550410866e-02f), f, _mm512_set1_ps(2.402265070e-01f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931471806e-01f));
+    // minimax for (2^f - 1) / f on |f| <= 1/64 (relative error of 2^f 5.3e-8)
+    const __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.24022649737533916f), f, _mm512_set1_ps(0.6931573297731336f));
     e = _mm512_fmadd_ps(_mm512_mul_ps(p, f), table, table);
   } else {
+    const __m512 table = _mm512_permutexvar_ps(k, exp2_sixteenths());
     const __m512 g = _mm512_fnmsub_ps(r, _mm512_set1_ps(0.693147181f), zc);  // f ln 2 = -zc - r ln 2
     e = _mm512_fmadd_ps(g, table, table);
   }
