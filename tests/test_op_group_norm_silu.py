@@ -175,6 +175,33 @@ def test_gradients_match_reference(dtype, channels_last, silu):
     assert_gradients_match(x, weight, bias, s, 3, silu, torch.randn(x.shape).to(dtype), tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_gradients_do_not_depend_on_the_thread_count(dtype, channels_last, silu):
+    """The backward's tasks ((sample, group) for NCHW, channel blocks for channels_last) are shared
+    out as the forward's are: every task must run at any thread count, in particular at one thread,
+    where no other thread takes the owner's chunks (it once ran only the first eighth there, leaving
+    the rest of dx, dw and db uninitialised), and the gradients must be bit-identical."""
+    x, weight, bias, s = make(4, 64, 8, 8, 8, dtype, channels_last, shift=True)
+    grad = torch.randn(x.shape).to(dtype)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            leaves = [t.clone().requires_grad_() for t in (x, weight, bias, s)]
+            ops.group_norm_silu(leaves[0], leaves[1], leaves[2], 8, 1e-5, silu, shift=leaves[3]).backward(grad)
+            grads.append([t.grad for t in leaves])
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            assert torch.equal(a, b)
+    tol = dict(atol=5e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=5e-2)
+    assert_gradients_match(x, weight, bias, s, 8, silu, grad, tol)
+
+
 def assert_gradients_match(x, weight, bias, shift, groups, silu, grad, tol):
     """The op's gradients of x, weight, bias and shift against the reference's, for ``grad``."""
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias, shift)]

@@ -44,7 +44,8 @@ inline float silu(float z) { return z / (1.f + std::exp(-z)); }
 // ends up with less work, while an owner still reads its range as one stream.
 // fn(begin, end, extend): run tasks [begin, end); extend(end) claims the owner's next chunk, which
 // starts at end, and returns the new end (unchanged when there is none, or for a taken chunk).
-// Callers' results must not depend on which thread runs which task.
+// Calling extend is optional: chunks an owner leaves are run from the back. Callers' results must
+// not depend on which thread runs which task.
 class TaskRanges {
  public:
   TaskRanges(int64_t tasks, int64_t owners)
@@ -91,7 +92,9 @@ void parallel_chunks(int64_t tasks, const F& fn) {
       const auto [begin, end] = ranges.front(own);
       if (begin < end) fn(begin, end, extend);
     }
-    for (int64_t k = 1; k < threads; ++k) {
+    // then every range from the back, this thread's own included: a caller that never calls
+    // extend leaves its range's later chunks there, and at one thread no one else takes them
+    for (int64_t k = 0; k < threads; ++k) {
       const int64_t other = (first + k) % threads;
       for (auto c = ranges.back(other); c.first < c.second; c = ranges.back(other)) fn(c.first, c.second, unchanged);
     }
@@ -252,10 +255,14 @@ void to_pair_order(V* values, int64_t channels) {
 // NV vectors of 16 channels (the last one `last` lanes wide) held in registers over all pixels,
 // in fp32 partial sums of kFlush pixels added to the fp64 totals. Whole blocks of 32 channels
 // are loaded by load32_pair; pivots and sums stay in channel order outside.
-template <typename T, int NV>
-DDPM_AVX512 void pixels_sums_block_avx512(const T* x, int64_t C, int64_t HW, int64_t last, const float* pivot,
+// Full: the last vector is whole (last == 16), so that width, and with it every branch of the
+// pixel loop, is known at compile time; with a run-time width the compiler kept the branches and
+// spilled the accumulators to the stack.
+template <typename T, int NV, bool Full>
+DDPM_AVX512 void pixels_sums_block_avx512(const T* x, int64_t C, int64_t HW, int64_t last_in, const float* pivot,
                                           double* s1, double* s2) {
   constexpr int64_t kFlush = 256;
+  const int64_t last = Full ? 16 : last_in;
   const __mmask16 mlast = tail_mask(last);
   const int64_t width = 16 * (NV - 1) + last;
   alignas(64) float pivots[16 * NV];  // in the order the loads give the channels
@@ -308,8 +315,11 @@ DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t c
     const int64_t width = std::min<int64_t>(128, cb - c), nv = (width + 15) / 16, last = width - 16 * (nv - 1);
     const T* xc = x + c;
     switch (nv) {
-#define GN_CASE(K) \
-  case K: pixels_sums_block_avx512<T, K>(xc, C, HW, last, pivot + c, s1 + c, s2 + c); break;
+#define GN_CASE(K)                                                                     \
+  case K:                                                                              \
+    if (last == 16) pixels_sums_block_avx512<T, K, true>(xc, C, HW, last, pivot + c, s1 + c, s2 + c); \
+    else pixels_sums_block_avx512<T, K, false>(xc, C, HW, last, pivot + c, s1 + c, s2 + c);           \
+    break;
       GN_CASE(1) GN_CASE(2) GN_CASE(3) GN_CASE(4) GN_CASE(5) GN_CASE(6) GN_CASE(7) GN_CASE(8)
 #undef GN_CASE
     }
@@ -1018,9 +1028,12 @@ void backward_avx512(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
   T* dxp = reinterpret_cast<T*>(dx_t.data_ptr());
 
   if (!is_channels_last(x_t)) {
-    parallel_chunks(N * G, [&](int64_t begin, int64_t end, const auto&) {
+    parallel_chunks(N * G, [&](int64_t begin, int64_t end, const auto& extend) {
       std::vector<float> scratch(Act ? cpg * HW + 16 : 0);
-      for (int64_t i = begin; i < end; ++i) bwd_task_nchw<T, Act>(A, xp, dyp, dxp, i, scratch.data());
+      for (int64_t i = begin; i < end; ++i) {
+        bwd_task_nchw<T, Act>(A, xp, dyp, dxp, i, scratch.data());
+        if (i + 1 == end) end = extend(end);  // the owner's next chunk
+      }
     });
     return;
   }
@@ -1033,11 +1046,13 @@ void backward_avx512(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
   const int64_t threads = at::get_num_threads(), elt = sizeof(T);
   const int64_t blocks = channels_last_blocks(N, C, G, elt, 2 * threads);
   const int64_t cb = C / blocks, nvec = (cb + 15) / 16;
-  parallel_chunks(N * blocks, [&](int64_t begin, int64_t end, const auto&) {
+  parallel_chunks(N * blocks, [&](int64_t begin, int64_t end, const auto& extend) {
     std::vector<float> scratch(Act ? nvec * 16 * HW : 0), params(7 * 16 * nvec);
     std::vector<double> sums(2 * 16 * nvec);
-    for (int64_t t = begin; t < end; ++t)
+    for (int64_t t = begin; t < end; ++t) {
       bwd_task_cl<T, Act>(A, xp, dyp, dxp, t, blocks, cb, scratch.data(), params.data(), sums.data());
+      if (t + 1 == end) end = extend(end);
+    }
   });
 }
 
