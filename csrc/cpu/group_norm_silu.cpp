@@ -315,8 +315,8 @@ DDPM_AVX512 void pixels_sums_avx512(const T* x, int64_t C, int64_t HW, int64_t c
     const int64_t width = std::min<int64_t>(128, cb - c), nv = (width + 15) / 16, last = width - 16 * (nv - 1);
     const T* xc = x + c;
     switch (nv) {
-#define GN_CASE(K)                                                                     \
-  case K:                                                                              \
+#define GN_CASE(K)                                                                                    \
+  case K:                                                                                             \
     if (last == 16) pixels_sums_block_avx512<T, K, true>(xc, C, HW, last, pivot + c, s1 + c, s2 + c); \
     else pixels_sums_block_avx512<T, K, false>(xc, C, HW, last, pivot + c, s1 + c, s2 + c);           \
     break;

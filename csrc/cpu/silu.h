@@ -8,13 +8,13 @@
 // and an n-entry table, 2^f by a short polynomial, then one division or rcp14. Precise, for fp32
 // outputs: r a multiple of 1/32, |f| <= 1/64, a 32-entry table (vpermt2ps), a degree-2 minimax
 // polynomial and the division (relative error <= 2.9e-7 on [-7, 7]). Otherwise, for bf16 outputs
-// whose rounding error is 2^-9: sixteenths, a 16-entry table (vpermps), degree 1 (2.9e-4) and
-// rcp14 (2^-14). Every instruction the table saves is a multiply-pipe instruction, and those bound
-// the sequence: on the Zen 5 sixteenths and degree 3 cut fp32 from 1.50-1.53 to 1.32-1.33 ns per
-// 16 values against degree 5 over |f| <= 1/2 ("group_norm_silu: a table for the exponential
-// (session 14)"); on the Zen 4 thirty-seconds and degree 2 cut it from 2.65 to 2.47 ns ("the SiLU
-// on the Zen 4 (session 24)", docs/performance.md). The division beat rcp14 and a Newton step in
-// speed and accuracy on every machine measured ("group_norm_silu: the division").
+// whose rounding error is 2^-9: sixteenths, a 16-entry table (vpermps), degree 1 (2.9e-4) and rcp14
+// (2^-14). Every instruction the table saves is a multiply-pipe instruction, and those bound the
+// sequence: on the Zen 5 sixteenths and degree 3 cut fp32 from 1.50-1.53 to 1.32-1.33 ns per 16
+// values against degree 5 over |f| <= 1/2 ("group_norm_silu: a table for the exponential (session
+// 14)"); on the Zen 4 thirty-seconds and degree 2 cut it from 2.65 to 2.47 ns ("group_norm_silu on
+// the Zen 4 (session 24)", docs/performance.md). The division beat rcp14 and a Newton step in speed
+// and accuracy on every machine measured ("group_norm_silu: the division").
 #include <immintrin.h>
 
 #include <cmath>
