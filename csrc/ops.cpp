@@ -32,9 +32,10 @@ TORCH_LIBRARY(ddpm_perf, m) {
   // Packs an int8 OIHW weight once, in the layout this backend's int8_conv2d reads.
   m.def("int8_pack_weight(Tensor weight) -> Tensor");
   // conv2d(dequant(quant(x)), weight * weight_scale[:, None, None, None]) + bias, computed as
-  // uint8 x int8 -> int32 with the dequantisation fused into the epilogue. x is quantised with
-  // the static per-tensor (x_scale, x_zero_point); weight_colsum[o] = sum of weight[o] (int32).
-  // Output: x's dtype, channels_last.
+  // uint8 x int8 -> int32 with the dequantisation fused into the epilogue. A floating x is
+  // quantised with the static per-tensor (x_scale, x_zero_point); a uint8 x is already quantised
+  // with them. weight_colsum[o] = sum of weight[o] (int32). Output: channels_last, x's dtype
+  // (float32 for a uint8 x).
   m.def("int8_conv2d(Tensor x, Tensor packed_weight, Tensor weight_colsum, Tensor weight_scale, "
         "Tensor? bias, float x_scale, int x_zero_point, int[2] kernel_size, int[2] stride, "
         "int[2] padding) -> Tensor");

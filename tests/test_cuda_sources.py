@@ -58,7 +58,7 @@ EXPECTED = {
     },
     "int8_conv2d.cu": {
         "kernels": [f"{_NS}int8_pack_weight_kernel"]
-        + [f"{_NS}quantize_activation_kernel<{t}>" for t in ("float", "c10::Half", "c10::BFloat16")]
+        + [f"{_NS}quantize_activation_kernel<{t}>" for t in ("float", "c10::Half", "c10::BFloat16", "unsigned char")]
         + [f"{_NS}int8_conv2d_dp4a_kernel<{t}>" for t in ("float", "c10::Half", "c10::BFloat16")],
         "ops": ["int8_pack_weight", "int8_conv2d"],
     },

@@ -11,6 +11,14 @@ from ddpm_perf.ops import reference
 pytestmark = pytest.mark.skipif(ops.extension_status() != "loaded", reason=f"ddpm_perf._C: {ops.extension_status()}")
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-5, rtol=1.6e-2)}
+OUT_DTYPE = {torch.float32: torch.float32, torch.bfloat16: torch.bfloat16, torch.uint8: torch.float32}
+
+
+def activations(shape, dtype, generator=None):
+    """Float activations, or uint8 ones (already quantised: every byte value occurs)."""
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    return torch.randn(shape, generator=generator).to(dtype)
 
 
 def quantized(o, c, k, seed=0):
@@ -29,29 +37,31 @@ def run(x, wq, scale, bias, colsum, x_scale, zp, k, stride, pad):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 3), c=st.integers(1, 21), o=st.integers(1, 70), hw=st.tuples(st.integers(1, 11), st.integers(1, 11)),
        k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]), pad=st.sampled_from([0, 1]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), channels_last=st.booleans(), with_bias=st.booleans(),
-       zp=st.sampled_from([0, 3, 128, 255]))
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.uint8]), channels_last=st.booleans(),
+       with_bias=st.booleans(), zp=st.sampled_from([0, 3, 128, 255]))
 def test_matches_reference(n, c, o, hw, k, stride, pad, dtype, channels_last, with_bias, zp):
-    """Odd channel counts (not multiples of 4 or 16), output tails, 1x1 and 3x3, stride 2, batch 1."""
+    """Odd channel counts (not multiples of 4 or 16), output tails, 1x1 and 3x3, stride 2, batch 1;
+    float x, and uint8 x already quantised (pointwise convs on whole groups of 4 channels read it
+    in place, others copy it with the padding)."""
     h, w = hw
     if h + 2 * pad < k or w + 2 * pad < k:
         return
     _, wq, scale, bias, colsum = quantized(o, c, k)
-    x = torch.randn(n, c, h, w).to(dtype)
+    x = activations((n, c, h, w), dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     bias = bias if with_bias else None
     y = run(x, wq, scale, bias, colsum, 0.02, zp, k, stride, pad)
     y_ref = reference.int8_conv2d(x, wq, scale, bias, 0.02, zp, (stride, stride), (pad, pad))
-    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    assert y.dtype == OUT_DTYPE[dtype] and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_ref, **TOL[OUT_DTYPE[dtype]])
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(1, 3), c=st.sampled_from([64, 128, 192]), o=st.sampled_from([16, 32, 48, 80]),
        hw=st.tuples(st.integers(1, 9), st.integers(1, 9)), k=st.sampled_from([1, 3]), stride=st.sampled_from([1, 2]),
-       pad=st.sampled_from([0, 1]), dtype=st.sampled_from([torch.float32, torch.bfloat16]), with_bias=st.booleans(),
-       zp=st.sampled_from([0, 128, 255]))
+       pad=st.sampled_from([0, 1]), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.uint8]),
+       with_bias=st.booleans(), zp=st.sampled_from([0, 128, 255]))
 def test_matches_reference_at_tile_shapes(n, c, o, hw, k, stride, pad, dtype, with_bias, zp):
     """Channels in multiples of 64 and outputs in multiples of 16 (an odd number of 16-blocks too),
     stride 1: the shapes the AMX-INT8 path takes where the CPU has it (32 padded-row positions x
@@ -61,21 +71,22 @@ def test_matches_reference_at_tile_shapes(n, c, o, hw, k, stride, pad, dtype, wi
     if h + 2 * pad < k or w + 2 * pad < k:
         return
     _, wq, scale, bias, colsum = quantized(o, c, k)
-    x = torch.randn(n, c, h, w).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = activations((n, c, h, w), dtype).contiguous(memory_format=torch.channels_last)
     bias = bias if with_bias else None
     y = run(x, wq, scale, bias, colsum, 0.02, zp, k, stride, pad)
     y_ref = reference.int8_conv2d(x, wq, scale, bias, 0.02, zp, (stride, stride), (pad, pad))
-    torch.testing.assert_close(y, y_ref, **TOL[dtype])
+    torch.testing.assert_close(y, y_ref, **TOL[OUT_DTYPE[dtype]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
 @pytest.mark.parametrize("k, stride, pad", [(3, 1, 1), (3, 2, 0), (3, 1, 0), (1, 1, 0)])
 @pytest.mark.parametrize("shape", [(3, 20, 13, 9), (1, 20, 3, 3)], ids=["split-inside-images", "fewer-tiles-than-threads"])
-def test_threads_split_images_anywhere_and_agree(k, stride, pad, shape):
+def test_threads_split_images_anywhere_and_agree(k, stride, pad, shape, dtype):
     """Each thread quantises the input rows (k x k) or pixels (1 x 1) its own output pixels need:
     with 1 to 5 threads the work splits inside images at different rows, or leaves threads with
     empty chunks, and the results are bit-identical."""
     _, wq, scale, bias, colsum = quantized(37, 20, k)
-    x = torch.randn(*shape).contiguous(memory_format=torch.channels_last)
+    x = activations(shape, dtype).contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
     try:
         results = []
@@ -133,9 +144,14 @@ def test_opcheck():
     _, wq, scale, bias, colsum = quantized(20, 6, 3)
     packed = torch.ops.ddpm_perf.int8_pack_weight(wq)
     torch.library.opcheck(torch.ops.ddpm_perf.int8_pack_weight.default, (wq,))
-    for x in (torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)):
+    for x in (torch.randn(2, 6, 5, 7), torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last),
+              activations((2, 6, 5, 7), torch.uint8)):
         torch.library.opcheck(torch.ops.ddpm_perf.int8_conv2d.default,
                               (x, packed, colsum, scale, bias, 0.05, 100, [3, 3], [1, 1], [1, 1]))
+    packed_1x1 = torch.ops.ddpm_perf.int8_pack_weight(quantized(20, 8, 1)[1])
+    torch.library.opcheck(torch.ops.ddpm_perf.int8_conv2d.default,  # a uint8 x read in place
+                          (activations((2, 8, 5, 7), torch.uint8).contiguous(memory_format=torch.channels_last),
+                           packed_1x1, quantized(20, 8, 1)[4], scale, bias, 0.05, 100, [1, 1], [1, 1], [0, 0]))
 
 
 def test_compile_fullgraph_traces_the_op():
@@ -150,7 +166,8 @@ def test_compile_fullgraph_traces_the_op():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(x=torch.randn(2, 8, 6, 6).half()), "float32 and bfloat16"),
+    (dict(x=torch.randn(2, 8, 6, 6).half()), "float32, bfloat16 or uint8"),
+    (dict(x=torch.zeros(2, 8, 6, 6, dtype=torch.int8)), "float32, bfloat16 or uint8"),
     (dict(x=torch.randn(2, 12, 6, 6)), "packed_weight does not match"),
     (dict(x=torch.randn(8, 6, 6)), "must be \\(N, C, H, W\\)"),
     (dict(x_scale=0.0), "x_scale must be positive"),
@@ -169,3 +186,17 @@ def test_bad_input_is_a_clear_error(change, message):
 def test_pack_rejects_float_weights():
     with pytest.raises(RuntimeError, match="weight must be int8"):
         torch.ops.ddpm_perf.int8_pack_weight(torch.randn(4, 4, 3, 3))
+
+
+def test_uint8_x_is_the_float_x_quantised():
+    """A uint8 x is taken as already quantised with (x_scale, x_zero_point): the op on
+    quantize_activation(x) gives, bit for bit, what it gives on the float x (whose quantisation is
+    inside), for a pointwise conv read in place, one copied (channels not a multiple of 4) and a
+    3x3 conv."""
+    for c, k, pad in ((32, 1, 0), (30, 1, 0), (32, 3, 1)):
+        _, wq, scale, bias, colsum = quantized(40, c, k)
+        x = torch.randn(2, c, 9, 7).contiguous(memory_format=torch.channels_last)
+        xq = reference.quantize_activation(x, 0.03, 117)
+        y_float = run(x, wq, scale, bias, colsum, 0.03, 117, k, 1, pad)
+        y_uint8 = run(xq, wq, scale, bias, colsum, 0.03, 117, k, 1, pad)
+        assert y_uint8.dtype == torch.float32 and torch.equal(y_uint8, y_float), (c, k)

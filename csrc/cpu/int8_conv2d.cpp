@@ -1,14 +1,16 @@
 // CPU kernels of int8_conv2d: uint8 activations x int8 weights -> int32 -> dequantised output.
 //
 // 1. x is quantised into zero-point-padded NHWC uint8 (channels rounded up to 4), by each thread
-//    for the input rows its own output pixels need, in the same parallel region as steps 2-4.
+//    for the input rows its own output pixels need, in the same parallel region as steps 2-4. A
+//    uint8 x is already quantised: it is copied with the padding instead, or, in a pointwise conv
+//    whose channels are a multiple of 4, read where it lies.
 // 2. An implicit GEMM: M = output pixels, N = output channels, K = taps x channels. No im2col: a
 //    tile of MR pixels keeps one base pointer per pixel and walks the taps by offset.
 // 3. AVX-512 VNNI micro-kernel: MR x (16 NB) int32 accumulators; per group of 4 channels it loads
 //    NB 64-byte weight vectors (16 outputs x 4 channels, packed once by int8_pack_weight) and,
 //    per pixel, broadcasts 4 activation bytes into NB vpdpbusd.
 // 4. The epilogue subtracts zero_point * colsum, scales by x_scale * w_scale[o], adds the bias and
-//    stores fp32 or bf16 channels_last. AVX2 (exact int16 vpmaddwd) and portable C++ paths cover
+//    stores fp32 or bf16 channels_last (x's dtype; fp32 for a uint8 x). AVX2 (exact int16 vpmaddwd) and portable C++ paths cover
 //    CPUs without AVX-512 VNNI.
 // Where the CPU has AMX-INT8, stride-1 convs with channels in multiples of 64 and outputs in
 // multiples of 16 (all but the first, last and downsampling convs of the U-Net) take tile
@@ -21,6 +23,8 @@
 #include <array>
 #include <utility>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "simd.h"
@@ -265,7 +269,9 @@ struct PaddedInput {
 
  private:
   void quantize(const T* src, uint8_t* dst, int64_t count) const {
-    if (simd)
+    if constexpr (std::is_same_v<T, uint8_t>)
+      std::memcpy(dst, src, count);
+    else if (simd)
       quantize_row_avx512(src, dst, count, inv_scale, zp);
     else
       quantize_row_scalar(src, dst, count, inv_scale, zp);
@@ -332,7 +338,7 @@ DDPM_AMX_INT8 void amx_block(const uint8_t* a, int64_t a_stride, const int64_t* 
 
 DDPM_AMX_INT8 void amx_release() { _tile_release(); }
 
-template <typename T>
+template <typename In, typename Out>
 void conv_impl_amx(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue& e, float inv_scale,
                    int64_t KH, int64_t KW, int64_t PH, int64_t PW, Tensor& out) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -342,13 +348,13 @@ void conv_impl_amx(const Tensor& x, const Tensor& packed, int64_t O, const Epilo
   // The last block's dropped positions read up to this far past its image's padded rows.
   const int64_t image = Hp * Wp * C, slack = (kAmxBlock + (KH - 1) * Wp + KW) * C;
   const uint8_t zp8 = static_cast<uint8_t>(e.zp);
-  const PaddedInput<T> in{reinterpret_cast<const T*>(x.data_ptr()), C, C, H, W, PH, PW, inv_scale, e.zp, true};
+  const PaddedInput<In> in{reinterpret_cast<const In*>(x.data_ptr()), C, C, H, W, PH, PW, inv_scale, e.zp, true};
   std::vector<int64_t> tap_offset(taps);
   for (int64_t kh = 0; kh < KH; ++kh)
     for (int64_t kw = 0; kw < KW; ++kw) tap_offset[kh * KW + kw] = (kh * Wp + kw) * C;
   const int8_t* wp = packed.data_ptr<int8_t>();
   const int64_t block_stride = taps * C * 16;
-  T* yp = reinterpret_cast<T*>(out.data_ptr());
+  Out* yp = reinterpret_cast<Out*>(out.data_ptr());
 
   // Work items (image, block, pair of output blocks), block-major. As in conv_impl, each thread
   // quantises the padded input rows its own blocks read into a buffer of its own, inside the
@@ -388,7 +394,7 @@ void conv_impl_amx(const Tensor& x, const Tensor& packed, int64_t O, const Epilo
 
 // ---- op ----
 
-template <typename T>
+template <typename In, typename Out>
 void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue& e, float inv_scale,
                int64_t KH, int64_t KW, int64_t SH, int64_t SW, int64_t PH, int64_t PW, Tensor& out) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -396,8 +402,8 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   const int64_t OH = out.size(2), OW = out.size(3), M = N * OH * OW, taps = KH * KW, Ob = (O + 15) / 16;
   const bool vnni = cpu_has_avx512_vnni(), avx2 = cpu_has_avx2(), simd = cpu_has_avx512();
 
-  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
-  const PaddedInput<T> in{xp, C, Cp, H, W, PH, PW, inv_scale, e.zp, simd};
+  const In* xp = reinterpret_cast<const In*>(x.data_ptr());
+  const PaddedInput<In> in{xp, C, Cp, H, W, PH, PW, inv_scale, e.zp, simd};
 
   // 1. quantise into a zero-point-padded NHWC buffer, inside the same parallel region as the GEMM:
   // each thread quantises the input rows its own output pixels need (a few rows twice where two
@@ -406,6 +412,8 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   // A pointwise conv (1x1, stride 1, no padding) quantises per chunk of pixels instead (below),
   // which also saves writing and re-reading a uint8 copy of these memory-bound convs' input.
   const bool pointwise = KH == 1 && KW == 1 && SH == 1 && SW == 1 && PH == 0 && PW == 0;
+  // A pointwise conv on uint8 channels in whole groups of 4 needs no copy: tiles point into x.
+  const bool in_place = pointwise && std::is_same_v<In, uint8_t> && Cp == C;
 
   // 2-4. tiles of kMR output pixels x up to kNB output blocks
   std::vector<int64_t> tap_offset(taps);
@@ -413,7 +421,7 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
     for (int64_t kw = 0; kw < KW; ++kw) tap_offset[kh * KW + kw] = (kh * Wp + kw) * Cp;
   const int8_t* wp = packed.data_ptr<int8_t>();
   const int64_t block_stride = taps * Cp * 16;
-  T* yp = reinterpret_cast<T*>(out.data_ptr());
+  Out* yp = reinterpret_cast<Out*>(out.data_ptr());
   const int64_t tiles = (M + kMR - 1) / kMR, groups = (Ob + kNB - 1) / kNB;
   // Work items are (chunk of tiles, group of output blocks); within an item one group's packed
   // weights stay in L1 while the chunk's pixels stream past them. at::parallel_for hands each
@@ -424,7 +432,7 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   const int64_t chunk_tiles = (tiles + chunks - 1) / chunks;
   at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t acc[kMR * kNB * 16];
-    std::vector<uint8_t> local(pointwise ? chunk_tiles * kMR * Cp : 0);  // pointwise: this chunk's pixels
+    std::vector<uint8_t> local(pointwise && !in_place ? chunk_tiles * kMR * Cp : 0);  // pointwise: this chunk's pixels
     int64_t local_chunk = -1;
     // k x k: the padded input rows under this run of items' output rows r0..r1 (r = n * OH + oh).
     const int64_t r0 = std::min(M - 1, begin / groups * chunk_tiles * kMR) / OW;
@@ -441,7 +449,7 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
       const int64_t chunk = item / groups, ob = item % groups * kNB;
       const int64_t tile_end = std::min(tiles, (chunk + 1) * chunk_tiles);
       const int64_t first_pixel = chunk * chunk_tiles * kMR;
-      if (pointwise && chunk != local_chunk) {
+      if (pointwise && !in_place && chunk != local_chunk) {
         in.pixels(xp + first_pixel * C, local.data(), std::min(M, tile_end * kMR) - first_pixel);
         local_chunk = chunk;
       }
@@ -451,9 +459,9 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
       // quantise, a slice per tile; read in one burst it stalled on memory (a third of the time of
       // a 384->128 1x1 conv at 32x32, batch 8).
       const int64_t tiles_here = std::max<int64_t>(1, tile_end - chunk * chunk_tiles);  // the last chunks may be empty
-      const int64_t next_begin = std::min(M, tile_end * kMR) * C * int64_t(sizeof(T));
+      const int64_t next_begin = std::min(M, tile_end * kMR) * C * int64_t(sizeof(In));
       const int64_t next_bytes = pointwise && ob + kNB >= Ob && item + 1 < end
-          ? std::min(M, (tile_end + chunk_tiles) * kMR) * C * int64_t(sizeof(T)) - next_begin : 0;
+          ? std::min(M, (tile_end + chunk_tiles) * kMR) * C * int64_t(sizeof(In)) - next_begin : 0;
       const int64_t slice = round_up((next_bytes + tiles_here - 1) / tiles_here, 64);
       const char* x_bytes = reinterpret_cast<const char*>(xp);
       for (int64_t tile = chunk * chunk_tiles; tile < tile_end; ++tile) {
@@ -463,12 +471,14 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
         // miss fill the store queue and stalled the epilogue (a sixth of that 1x1 conv's time).
         for (int i = 0; i < mr; ++i) {
           const char* y = reinterpret_cast<const char*>(yp + (m0 + i) * O + o0);
-          for (int64_t b = 0; b < count * int64_t(sizeof(T)); b += 64) __builtin_prefetch(y + b, 1, 3);
+          for (int64_t b = 0; b < count * int64_t(sizeof(Out)); b += 64) __builtin_prefetch(y + b, 1, 3);
         }
         const int64_t from = (tile - chunk * chunk_tiles) * slice, to = std::min(next_bytes, from + slice);
         for (int64_t b = from; b < to; b += 64) __builtin_prefetch(x_bytes + next_begin + b, 0, 3);
         Tile t{{}, tap_offset.data(), taps, Cp / 4, wp + ob * block_stride, block_stride};
-        if (pointwise) {
+        if (in_place) {
+          for (int i = 0; i < kMR; ++i) t.pixel[i] = reinterpret_cast<const uint8_t*>(xp) + (m0 + std::min(i, mr - 1)) * C;
+        } else if (pointwise) {
           for (int i = 0; i < kMR; ++i) t.pixel[i] = local.data() + (m0 + std::min(i, mr - 1) - first_pixel) * Cp;
         } else {
           // the tile's first pixel by division, the others by stepping along rows and images
@@ -485,7 +495,7 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
         else
           gemm_tile_scalar(t, mr, nb, acc);
         for (int i = 0; i < mr; ++i) {
-          T* y = yp + (m0 + i) * O + o0;
+          Out* y = yp + (m0 + i) * O + o0;
           if (simd)
             epilogue_row_avx512(acc + i * kNB * 16, o0, count, y, e);
           else
@@ -500,8 +510,9 @@ Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& c
                        const c10::optional<Tensor>& bias, double x_scale, int64_t x_zero_point,
                        at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
   TORCH_CHECK(x_in.dim() == 4, "int8_conv2d: x must be (N, C, H, W), got ", x_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16,
-              "int8_conv2d on CPU supports float32 and bfloat16 input, got ", x_in.scalar_type());
+  const auto dtype = x_in.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kByte,
+              "int8_conv2d on CPU takes float32, bfloat16 or uint8 (already quantised) x, got ", dtype);
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 1,
               "int8_conv2d: packed_weight must come from int8_pack_weight");
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2,
@@ -522,7 +533,9 @@ Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& c
   const int64_t OH = (H - kernel_size[0]) / stride[0] + 1, OW = (W - kernel_size[1]) / stride[1] + 1;
 
   const Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  Tensor out = at::empty({x.size(0), O, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const auto out_dtype = dtype == at::kByte ? at::kFloat : dtype;
+  Tensor out = at::empty({x.size(0), O, OH, OW},
+                         x.options().dtype(out_dtype).memory_format(at::MemoryFormat::ChannelsLast));
   // x_scale * w_scale[o] in fp64 then rounded, as the reference does; a plain loop, not three
   // tensor ops: this runs for every layer of every step.
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat, "int8_conv2d: weight_scale must be float32");
@@ -537,16 +550,21 @@ Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& c
   const Epilogue e{offset.data(), scale.data(), b.data_ptr<float>(), static_cast<int>(x_zero_point)};
   const float inv_scale = static_cast<float>(1.0 / x_scale);
   const bool amx = cpu_has_amx_int8() && stride[0] == 1 && stride[1] == 1 && x.size(1) % 64 == 0 && O % 16 == 0;
-  if (amx && x.scalar_type() == at::kFloat)
-    conv_impl_amx<float>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], padding[0], padding[1], out);
-  else if (amx)
-    conv_impl_amx<uint16_t>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], padding[0], padding[1], out);
-  else if (x.scalar_type() == at::kFloat)
-    conv_impl<float>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0],
-                     padding[1], out);
+  const auto run = [&](auto in, auto out_type) {
+    using In = decltype(in);
+    using Out = decltype(out_type);
+    if (amx)
+      conv_impl_amx<In, Out>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], padding[0], padding[1], out);
+    else
+      conv_impl<In, Out>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], stride[0], stride[1],
+                         padding[0], padding[1], out);
+  };
+  if (dtype == at::kFloat)
+    run(float{}, float{});
+  else if (dtype == at::kBFloat16)
+    run(uint16_t{}, uint16_t{});
   else
-    conv_impl<uint16_t>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], stride[0], stride[1],
-                        padding[0], padding[1], out);
+    run(uint8_t{}, float{});
   return out;
 }
 

@@ -112,8 +112,16 @@ __device__ __forceinline__ uint32_t quantize_u8(float v, float inv_scale, float 
   return static_cast<uint32_t>(fminf(fmaxf(q, 0.f), 255.f));
 }
 
+// An element of x as its uint8 code: quantised, or as it is when x is already uint8.
+template <typename scalar_t>
+__device__ __forceinline__ uint32_t activation_code(scalar_t v, float inv_scale, float zero_point) {
+  return quantize_u8(static_cast<float>(v), inv_scale, zero_point);
+}
+__device__ __forceinline__ uint32_t activation_code(uint8_t v, float, float) { return v; }
+
 // One thread per 32-bit word of xq [N][H][W][Cw] (Cw = Cp / 4): four consecutive channels, the
-// lowest channel in the lowest byte. x is read through its strides (any memory format).
+// lowest channel in the lowest byte. x is read through its strides (any memory format); a uint8
+// x is already quantised and only repacked.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kElementwiseThreads)
     quantize_activation_kernel(const scalar_t* __restrict__ x, uint32_t* __restrict__ xq, int64_t total_words,
@@ -133,7 +141,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int c = cw * 4 + j;
-      const uint32_t q = c < C ? quantize_u8(static_cast<float>(x_pos[c * stride_c]), inv_scale, zp)
+      const uint32_t q = c < C ? activation_code(x_pos[c * stride_c], inv_scale, zp)
                                : static_cast<uint32_t>(zero_point);
       word |= q << (8 * j);
     }
@@ -337,8 +345,9 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x, const at::Tensor& packed_weight
                             at::IntArrayRef padding) {
   TORCH_CHECK(x.is_cuda(), "ddpm_perf::int8_conv2d (CUDA): x must be a CUDA tensor, got ", x.device());
   const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "ddpm_perf::int8_conv2d (CUDA): x must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kByte,
+              "ddpm_perf::int8_conv2d (CUDA): x must be float32, float16, bfloat16 or uint8 (already quantised), got ",
+              dtype);
   TORCH_CHECK(x.dim() == 4, "ddpm_perf::int8_conv2d (CUDA): x must be (N, C, H, W), got shape ", x.sizes());
   check_pair(kernel_size, "kernel_size", 1);
   check_pair(stride, "stride", 1);
@@ -395,7 +404,9 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x, const at::Tensor& packed_weight
               ")");
 
   const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor y = at::empty({N, O, OH, OW}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  // Output in x's dtype; float32 for a uint8 x.
+  const auto out_dtype = dtype == at::kByte ? at::kFloat : dtype;
+  at::Tensor y = at::empty({N, O, OH, OW}, x.options().dtype(out_dtype).memory_format(at::MemoryFormat::ChannelsLast));
   if (M == 0 || O == 0) return y;
 
   // The packed weight is read as int32 words: it must be contiguous and 4-byte aligned.
@@ -430,23 +441,30 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x, const at::Tensor& packed_weight
   shape.Kw = static_cast<int>(Kw);
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  DDPM_PERF_DISPATCH_FLOAT_HALF_BF16(dtype, "ddpm_perf::int8_conv2d (CUDA)", [&] {
+  const auto launch = [&](auto in_zero, auto out_zero) {
+    using in_t = decltype(in_zero);
+    using out_t = decltype(out_zero);
     if (total_words > 0) {
-      quantize_activation_kernel<scalar_t><<<elementwise_blocks(total_words), kElementwiseThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), reinterpret_cast<uint32_t*>(xq.mutable_data_ptr<uint8_t>()), total_words,
+      quantize_activation_kernel<in_t><<<elementwise_blocks(total_words), kElementwiseThreads, 0, stream>>>(
+          x.const_data_ptr<in_t>(), reinterpret_cast<uint32_t*>(xq.mutable_data_ptr<uint8_t>()), total_words,
           static_cast<int>(C), static_cast<int>(Cw), static_cast<int>(H), static_cast<int>(W), x.stride(0),
           x.stride(1), x.stride(2), x.stride(3), inv_scale, static_cast<int>(x_zero_point));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     const dim3 grid(static_cast<unsigned>((M + kBlockM - 1) / kBlockM),
                     static_cast<unsigned>((O + kBlockN - 1) / kBlockN));
-    int8_conv2d_dp4a_kernel<scalar_t><<<grid, kConvThreads, 0, stream>>>(
+    int8_conv2d_dp4a_kernel<out_t><<<grid, kConvThreads, 0, stream>>>(
         reinterpret_cast<const uint32_t*>(xq.const_data_ptr<uint8_t>()),
         reinterpret_cast<const int32_t*>(wq.const_data_ptr<int8_t>()), colsum.const_data_ptr<int32_t>(),
         out_scale.const_data_ptr<double>(), has_bias ? bias64.const_data_ptr<double>() : nullptr, zero_word,
-        static_cast<int>(x_zero_point), shape, y.mutable_data_ptr<scalar_t>());
+        static_cast<int>(x_zero_point), shape, y.mutable_data_ptr<out_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  };
+  if (dtype == at::kByte) {
+    launch(uint8_t{}, float{});
+  } else {
+    DDPM_PERF_DISPATCH_FLOAT_HALF_BF16(dtype, "ddpm_perf::int8_conv2d (CUDA)", [&] { launch(scalar_t{}, scalar_t{}); });
+  }
   return y;
 }
 

@@ -1,5 +1,9 @@
 """``int8_conv2d``: uint8 activations x int8 weights -> int32, dequantised in the epilogue.
 
+x is float (quantised inside the op with the static ``x_scale``, ``x_zero_point``; the output has
+x's dtype) or uint8, already quantised with them (the output is float32): what a producer that
+writes quantised activations, or ``torch.Tensor.int_repr`` of a quint8 tensor, hands over.
+
 The weight (int8, symmetric per output channel, see :func:`reference.quantize_weight`) is packed
 once with :func:`int8_pack_weight` into the layout of the backend that runs it: on the CPU, VNNI
 blocks for ``vpdpbusd`` (AVX-512 VNNI, with an AVX2 path); on CUDA, dp4a groups. Inference only:
@@ -39,7 +43,8 @@ def _register() -> None:
         n, _, h, w = x.shape
         out = (n, weight_scale.shape[0], _out_size(h, kernel_size[0], stride[0], padding[0]),
                _out_size(w, kernel_size[1], stride[1], padding[1]))
-        return x.new_empty(out).contiguous(memory_format=torch.channels_last)
+        dtype = torch.float32 if x.dtype == torch.uint8 else x.dtype  # a uint8 x is already quantised
+        return x.new_empty(out, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
 
 if load_extension() is None:

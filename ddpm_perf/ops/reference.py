@@ -58,15 +58,18 @@ def quantize_activation(x: Tensor, scale: float, zero_point: int) -> Tensor:
 
 def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, x_scale: float,
                 x_zero_point: int, stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
-    """The int8 convolution: x quantised to uint8 with (x_scale, x_zero_point), int8 OIHW
-    ``weight`` with per-output-channel ``weight_scale``, products summed exactly, dequantised,
-    plus bias. Padding contributes zeros (the zero point). Output in x's dtype, channels_last."""
-    xq = quantize_activation(x, x_scale, x_zero_point).float() - x_zero_point  # exact integers
+    """The int8 convolution: x quantised to uint8 with (x_scale, x_zero_point) (a uint8 x already
+    is), int8 OIHW ``weight`` with per-output-channel ``weight_scale``, products summed exactly,
+    dequantised, plus bias. Padding contributes zeros (the zero point). Output channels_last, in
+    x's dtype (float32 for a uint8 x)."""
+    q = x if x.dtype == torch.uint8 else quantize_activation(x, x_scale, x_zero_point)
+    xq = q.float() - x_zero_point  # exact integers
     acc = F.conv2d(xq.double(), weight.double(), None, stride, padding)  # exact in fp64
     y = acc * (x_scale * weight_scale.double()).reshape(1, -1, 1, 1)
     if bias is not None:
         y = y + bias.double().reshape(1, -1, 1, 1)
-    return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    out_dtype = torch.float32 if x.dtype == torch.uint8 else x.dtype
+    return y.to(out_dtype).contiguous(memory_format=torch.channels_last)
 
 
 # Philox4x32 constants (Salmon et al. 2011; the same as cuRAND's and Triton's).
