@@ -39,11 +39,15 @@ forward (seeded random weights, t = 500) and the layer's weights. Timed, interle
 * ``ao_q``: torch.ao's x86 engine, ``torch.ops.quantized.conv2d`` on a quint8 channels_last x,
   output quint8 (the same int8 weights, per channel, ``conv2d_prepack``ed);
 * ``ao_float``: the same with ``quantize_per_tensor`` before and ``dequantize`` after: float in,
-  float out, like for like with ``int8``.
+  float out, like for like with ``int8``;
+* ``int8_q``: ``int8_conv2d`` on ``ao_q``'s input, the quint8 x's uint8 codes (``int_repr``): x
+  already quantised, as for ``ao_q``; the output is fp32 (``ao_q`` writes uint8, a quarter of the
+  bytes). Like for like with ``ao_q`` on the input side.
 
 Static quantisation for all: x's scale and zero point from the captured input's range (uint8,
 affine), ao's output scale from the fp32 output's range. Recorded: per-call times, GOP/s (a
-multiply-add counts 2), ratios, ``count_in_model``, the deviation of ``int8`` from the fp32 conv
+multiply-add counts 2), ratios (``speedup_vs_<variant>`` for ``int8``; ``int8_q_speedup_vs_ao_q`` for
+``int8_q`` against ``ao_q``), ``count_in_model``, the deviation of ``int8`` from the fp32 conv
 (and of ``ao_float``), and ``kernel_vs_reference_rel_dev``: the kernel against
 ``reference.int8_conv2d`` (exact integer maths; it must agree to rounding).
 
@@ -465,6 +469,7 @@ def make_conv_case(key: ConvKey, x: torch.Tensor, weight: torch.Tensor, bias: to
                                                    torch.zeros(w_int8.shape[0], dtype=torch.long), 0)
     ao_packed = torch.ops.quantized.conv2d_prepack(w_q, bias, stride, padding, [1, 1], 1)
     x_q = torch.quantize_per_tensor(x_cl, x_scale, x_zp, torch.quint8)
+    x_u8 = x_q.int_repr().contiguous(memory_format=torch.channels_last)
 
     calls = {
         "int8": lambda: torch.ops.ddpm_perf.int8_conv2d(x_cl, packed, colsum, w_scale, bias, x_scale, x_zp, kernel,
@@ -474,13 +479,19 @@ def make_conv_case(key: ConvKey, x: torch.Tensor, weight: torch.Tensor, bias: to
         "ao_q": lambda: torch.ops.quantized.conv2d(x_q, ao_packed, out_scale, out_zp),
         "ao_float": lambda: torch.ops.quantized.conv2d(torch.quantize_per_tensor(x_cl, x_scale, x_zp, torch.quint8),
                                                        ao_packed, out_scale, out_zp).dequantize(),
+        "int8_q": lambda: torch.ops.ddpm_perf.int8_conv2d(x_u8, packed, colsum, w_scale, bias, x_scale, x_zp, kernel,
+                                                          stride, padding),
     }
     y8 = calls["int8"]()
     assert y8.shape == y32.shape and y8.dtype == torch.float32 and y8.is_contiguous(memory_format=torch.channels_last)
     exact = reference.int8_conv2d(x_cl, w_int8, w_scale, bias, x_scale, x_zp, key.stride, key.padding)
+    # on torch.ao's codes (which round a few values differently from quantize_activation) the op
+    # must agree with the exact integer maths on those codes
+    exact_q = reference.int8_conv2d(x_u8, w_int8, w_scale, bias, x_scale, x_zp, key.stride, key.padding)
     ao_dev = timing.deviation(calls["ao_float"](), y32, "")
     info = {**timing.deviation(y8, y32, "conv output vs fp32 F.conv2d"),
             "kernel_vs_reference_rel_dev": timing.deviation(y8, exact, "")["rel_dev"],
+            "int8_q_kernel_vs_reference_rel_dev": timing.deviation(calls["int8_q"](), exact_q, "")["rel_dev"],
             "ao_float_rel_dev": ao_dev["rel_dev"], "ao_float_max_abs_dev": ao_dev["max_abs_dev"],
             "x_scale": x_scale, "x_zero_point": x_zp, "ao_out_scale": out_scale, "ao_out_zero_point": out_zp}
     flops = 2 * y32.numel() * key.weight_shape[1] * key.weight_shape[2] * key.weight_shape[3]
@@ -521,13 +532,14 @@ def conv_cases(bench, timing, ao_engine) -> dict[ConvKey, ConvCase]:
     return cases
 
 
-CONV_VARIANTS = ("fp32", "fp32_cl", "ao_q", "ao_float")
+CONV_VARIANTS = ("fp32", "fp32_cl", "ao_q", "ao_float", "int8_q")
 
 
 def conv_ratios(timing, target: list[float], base: dict[str, list[float]]) -> dict[str, object]:
     out = timing.speedup(target, base["fp32"])  # speedup_vs_eager: against eager fp32 (NCHW) F.conv2d
     for name in CONV_VARIANTS:
         out.update(ratio(timing, target, base[name], name))
+    out.update({f"int8_q_{k}": v for k, v in ratio(timing, base["int8_q"], base["ao_q"], "ao_q").items()})
     return out
 
 
@@ -535,7 +547,8 @@ def conv_meets(info: dict) -> dict[str, bool]:
     return {"meets_speedup_vs_fp32": info["speedup_vs_fp32"] >= CONV_TARGETS["speedup_vs_fp32"],
             "meets_speedup_vs_fp32_cl": info["speedup_vs_fp32_cl"] >= CONV_TARGETS["speedup_vs_fp32"],
             "meets_speedup_vs_ao_float": info["speedup_vs_ao_float"] >= CONV_TARGETS["speedup_vs_ao"],
-            "meets_speedup_vs_ao_q": info["speedup_vs_ao_q"] >= CONV_TARGETS["speedup_vs_ao"]}
+            "meets_speedup_vs_ao_q": info["speedup_vs_ao_q"] >= CONV_TARGETS["speedup_vs_ao"],
+            "meets_int8_q_speedup_vs_ao_q": info["int8_q_speedup_vs_ao_q"] >= CONV_TARGETS["speedup_vs_ao"]}
 
 
 @pytest.mark.parametrize("key", [pytest.param(k, id=k.id) for k in CONV_KEYS])
@@ -573,8 +586,10 @@ def test_int8_conv2d(benchmark, bench, timing, conv_cases, key):
         f"int8_conv2d {key.id:26s} x{case.count:<2d}: int8 {per_call['int8'] * 1e3:7.3f} ms {gops['int8']:4.0f} GOP/s; "
         f"fp32 {per_call['fp32'] * 1e3:7.3f} ms ({info['speedup_vs_fp32']:4.2f}x), fp32 CL "
         f"{info['speedup_vs_fp32_cl']:4.2f}x, ao q {info['speedup_vs_ao_q']:4.2f}x, ao float "
-        f"{info['speedup_vs_ao_float']:4.2f}x; rel err {info['rel_dev']:.1e}")
+        f"{info['speedup_vs_ao_float']:4.2f}x; uint8 in {per_call['int8_q'] * 1e3:7.3f} ms, "
+        f"{info['int8_q_speedup_vs_ao_q']:4.2f}x ao q; rel err {info['rel_dev']:.1e}")
     assert info["kernel_vs_reference_rel_dev"] < 1e-5, info["kernel_vs_reference_rel_dev"]
+    assert info["int8_q_kernel_vs_reference_rel_dev"] < 1e-5, info["int8_q_kernel_vs_reference_rel_dev"]
     assert info["rel_dev"] < 0.05, info["rel_dev"]
 
 
@@ -609,6 +624,7 @@ def test_int8_conv2d_model(benchmark, bench, timing, conv_cases):
         summed["speedup_vs_fp32_cl"] = summed["fp32_cl"] / summed["int8"]
         summed["speedup_vs_ao_q"] = summed["ao_q"] / summed["int8"]
         summed["speedup_vs_ao_float"] = summed["ao_float"] / summed["int8"]
+        summed["int8_q_speedup_vs_ao_q"] = summed["ao_q"] / summed["int8_q"]
     fill_info(
         info, bench, plugins="op:int8_conv2d", op="int8_conv2d (all convs of one forward)", batch=n,
         shape=[n, CONFIG.in_channels, CONFIG.image_size, CONFIG.image_size] if not bench.smoke else [n, "smoke"],
@@ -627,7 +643,8 @@ def test_int8_conv2d_model(benchmark, bench, timing, conv_cases):
         f"int8_conv2d model total ({info['convs']} convs, batch {n}): int8 {total['int8'] * 1e3:.1f} ms, fp32 "
         f"{total['fp32'] * 1e3:.1f} ms ({info['speedup_vs_fp32']:.2f}x), fp32 CL {total['fp32_cl'] * 1e3:.1f} ms "
         f"({info['speedup_vs_fp32_cl']:.2f}x), ao q {total['ao_q'] * 1e3:.1f} ms ({info['speedup_vs_ao_q']:.2f}x), "
-        f"ao float {total['ao_float'] * 1e3:.1f} ms ({info['speedup_vs_ao_float']:.2f}x); worst rel err "
+        f"ao float {total['ao_float'] * 1e3:.1f} ms ({info['speedup_vs_ao_float']:.2f}x); uint8 in "
+        f"{total['int8_q'] * 1e3:.1f} ms ({info['int8_q_speedup_vs_ao_q']:.2f}x ao q); worst rel err "
         f"{info['rel_dev']:.1e}")
 
 
