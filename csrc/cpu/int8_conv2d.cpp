@@ -10,8 +10,8 @@
 //    NB 64-byte weight vectors (16 outputs x 4 channels, packed once by int8_pack_weight) and,
 //    per pixel, broadcasts 4 activation bytes into NB vpdpbusd.
 // 4. The epilogue subtracts zero_point * colsum, scales by x_scale * w_scale[o], adds the bias and
-//    stores fp32 or bf16 channels_last (x's dtype; fp32 for a uint8 x). AVX2 (exact int16 vpmaddwd) and portable C++ paths cover
-//    CPUs without AVX-512 VNNI.
+//    stores fp32 or bf16 channels_last (x's dtype; fp32 for a uint8 x). AVX2 (exact int16
+//    vpmaddwd) and portable C++ paths cover CPUs without AVX-512 VNNI.
 // Where the CPU has AMX-INT8, stride-1 convs with channels in multiples of 64 and outputs in
 // multiples of 16 (all but the first, last and downsampling convs of the U-Net) take tile
 // matrix multiplies instead (conv_impl_amx, below), with the same packed weights and epilogue.
@@ -477,7 +477,8 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
         for (int64_t b = from; b < to; b += 64) __builtin_prefetch(x_bytes + next_begin + b, 0, 3);
         Tile t{{}, tap_offset.data(), taps, Cp / 4, wp + ob * block_stride, block_stride};
         if (in_place) {
-          for (int i = 0; i < kMR; ++i) t.pixel[i] = reinterpret_cast<const uint8_t*>(xp) + (m0 + std::min(i, mr - 1)) * C;
+          const uint8_t* xq = reinterpret_cast<const uint8_t*>(xp);
+          for (int i = 0; i < kMR; ++i) t.pixel[i] = xq + (m0 + std::min(i, mr - 1)) * C;
         } else if (pointwise) {
           for (int i = 0; i < kMR; ++i) t.pixel[i] = local.data() + (m0 + std::min(i, mr - 1) - first_pixel) * Cp;
         } else {
