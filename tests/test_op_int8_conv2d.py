@@ -200,3 +200,13 @@ def test_uint8_x_is_the_float_x_quantised():
         y_float = run(x, wq, scale, bias, colsum, 0.03, 117, k, 1, pad)
         y_uint8 = run(xq, wq, scale, bias, colsum, 0.03, 117, k, 1, pad)
         assert y_uint8.dtype == torch.float32 and torch.equal(y_uint8, y_float), (c, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("k, pad", [(3, 1), (1, 0)])
+def test_empty_batch_gives_an_empty_output(dtype, k, pad):
+    """Batch 0 returns an empty (0, O, OH, OW) output, as F.conv2d does (it crashed the process
+    with a division by zero in the work split before session 25)."""
+    _, wq, scale, bias, colsum = quantized(16, 8, k)
+    y = run(activations((0, 8, 5, 5), dtype), wq, scale, bias, colsum, 0.1, 3, k, 1, pad)
+    assert y.shape == (0, 16, 5, 5) and y.dtype == OUT_DTYPE[dtype]

@@ -537,6 +537,7 @@ Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& c
   const auto out_dtype = dtype == at::kByte ? at::kFloat : dtype;
   Tensor out = at::empty({x.size(0), O, OH, OW},
                          x.options().dtype(out_dtype).memory_format(at::MemoryFormat::ChannelsLast));
+  if (out.numel() == 0) return out;  // an empty batch, as F.conv2d (the work split divides by the tiles)
   // x_scale * w_scale[o] in fp64 then rounded, as the reference does; a plain loop, not three
   // tensor ops: this runs for every layer of every step.
   TORCH_CHECK(w_scale.scalar_type() == at::kFloat, "int8_conv2d: weight_scale must be float32");
