@@ -173,6 +173,7 @@ def test_compile_fullgraph_traces_the_op():
     (dict(x_scale=0.0), "x_scale must be positive"),
     (dict(zp=300), "x_zero_point must be in"),
     (dict(colsum=torch.zeros(16, dtype=torch.int64)), "weight_colsum must be int32"),
+    (dict(colsum=torch.zeros(15, dtype=torch.int32)), "weight_colsum has 15 values and weight_scale 16"),
     (dict(x=torch.randn(1, 8, 1, 1), pad=0), "input smaller than the kernel"),
 ])
 def test_bad_input_is_a_clear_error(change, message):

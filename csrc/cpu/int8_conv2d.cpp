@@ -527,8 +527,9 @@ Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& c
   TORCH_CHECK(O > 0 && packed.numel() == (O + 15) / 16 * taps * Cp * 16,
               "int8_conv2d: packed_weight does not match ", O, " outputs, ", x_in.size(1), " input channels and a ",
               kernel_size[0], "x", kernel_size[1], " kernel");
-  TORCH_CHECK(colsum.numel() == O && colsum.scalar_type() == at::kInt, "int8_conv2d: weight_colsum must be int32 (",
-              O, ",)");
+  TORCH_CHECK(colsum.scalar_type() == at::kInt, "int8_conv2d: weight_colsum must be int32, got ", colsum.scalar_type());
+  TORCH_CHECK(colsum.numel() == O, "int8_conv2d: weight_colsum has ", colsum.numel(), " values and weight_scale ", O,
+              ": both must have one per output channel");
   const int64_t H = x_in.size(2) + 2 * padding[0], W = x_in.size(3) + 2 * padding[1];
   TORCH_CHECK(H >= kernel_size[0] && W >= kernel_size[1], "int8_conv2d: input smaller than the kernel");
   const int64_t OH = (H - kernel_size[0]) / stride[0] + 1, OW = (W - kernel_size[1]) / stride[1] + 1;
