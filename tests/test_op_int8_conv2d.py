@@ -148,10 +148,10 @@ def test_opcheck():
               activations((2, 6, 5, 7), torch.uint8)):
         torch.library.opcheck(torch.ops.ddpm_perf.int8_conv2d.default,
                               (x, packed, colsum, scale, bias, 0.05, 100, [3, 3], [1, 1], [1, 1]))
-    packed_1x1 = torch.ops.ddpm_perf.int8_pack_weight(quantized(20, 8, 1)[1])
-    torch.library.opcheck(torch.ops.ddpm_perf.int8_conv2d.default,  # a uint8 x read in place
-                          (activations((2, 8, 5, 7), torch.uint8).contiguous(memory_format=torch.channels_last),
-                           packed_1x1, quantized(20, 8, 1)[4], scale, bias, 0.05, 100, [1, 1], [1, 1], [0, 0]))
+    _, wq, scale, bias, colsum = quantized(20, 8, 1)  # a pointwise conv reads a uint8 x in place
+    x = activations((2, 8, 5, 7), torch.uint8).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.ddpm_perf.int8_conv2d.default, (x, torch.ops.ddpm_perf.int8_pack_weight(wq), colsum,
+                                                                    scale, bias, 0.05, 100, [1, 1], [1, 1], [0, 0]))
 
 
 def test_compile_fullgraph_traces_the_op():
