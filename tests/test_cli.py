@@ -124,6 +124,7 @@ def test_train_errors(tmp_path):
     assert_user_error(run("train", "--config", "cifar10", "--data", "cifar10", "--out", tmp_path / "r"),
                       "cifar-10-python.tar.gz")
     assert_user_error(run("train", "--resume", tmp_path / "none.safetensors"), "does not exist")
+    assert_user_error(run("train", "--data", "folder", "--out", tmp_path / "r"), "needs its folder: pass --data-dir")
     assert_user_error(run("train", "--steps", "0"), "--steps must be positive")
     assert_user_error(run("train", "--distill", "1", "--out", tmp_path / "r"), "--distill needs --init")
     assert_user_error(run("train", "--distill", "2", "--out", tmp_path / "r"), "--distill must be in [0, 1]")

@@ -73,7 +73,7 @@ def test_int8_calibrates_saves_and_reuses(tiny_checkpoint):
     assert layers and all(m.x_scale > 0 and 0 <= m.x_zero_point <= 255 for m in layers)
     assert type(eng.model.conv_in).__name__ == "Conv2d" and type(eng.model.conv_out).__name__ == "Conv2d"
     saved = calibration_file(tiny_checkpoint)
-    assert saved.exists() and any("calibrated (none saved)" in line for line in eng.ctx.report)
+    assert saved.exists() and any("calibrated (no calibration yet)" in line for line in eng.ctx.report)
     again = engine(tiny_checkpoint, "int8(steps=2,batch=2)")
     assert any("calibration loaded from" in line for line in again.ctx.report)
     torch.testing.assert_close(eps_of(again), eps_of(eng), rtol=0, atol=0)  # same ranges, same kernel

@@ -16,7 +16,9 @@ EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 class ImageFolder(Dataset):
     def __init__(self, root: str | Path | None, image_size: int, channels: int = 3):
-        if root is None or not Path(root).is_dir():
+        if root is None:
+            raise UserError("an image-folder data set needs its folder: pass --data-dir DIR")
+        if not Path(root).is_dir():
             raise UserError(f"image folder {root} does not exist; pass a folder of images with --data-dir")
         self.files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in EXTENSIONS)
         if not self.files:

@@ -99,7 +99,7 @@ def load_checkpoint(path: str | os.PathLike, with_training: bool = False) -> Che
         raise UserError(f"checkpoint {path} is a folder; for a diffusers model run "
                         f"'ddpm-perf convert {path} OUT.safetensors' first, or pass a .safetensors file")
     if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist; check the path (omit --checkpoint for the embedded model)")
+        raise UserError(f"checkpoint {path} does not exist; check the path")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
