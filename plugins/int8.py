@@ -215,7 +215,8 @@ class Int8(Plugin):
             ctx.report.append(f"int8: calibration loaded from {path}")
         else:
             ranges = self._observe(engine, ctx)
-            why = "settings changed" if saved is not None else "no calibration yet" if not self.opts.recalibrate else "asked"
+            why = ("settings changed" if saved is not None else "asked" if self.opts.recalibrate
+                   else "no calibration yet")
             where = (" (in-memory checkpoint: not saved)" if path is None
                      else f", saved to {path}" if self._save(path, ranges, ctx) else "")
             ctx.report.append(f"int8: calibrated ({why}) over {self.opts.steps} DDIM steps x {self.opts.batch} "

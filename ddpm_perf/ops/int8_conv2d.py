@@ -43,8 +43,8 @@ def _register() -> None:
         n, _, h, w = x.shape
         out = (n, weight_scale.shape[0], _out_size(h, kernel_size[0], stride[0], padding[0]),
                _out_size(w, kernel_size[1], stride[1], padding[1]))
-        dtype = torch.float32 if x.dtype == torch.uint8 else x.dtype  # a uint8 x is already quantised
-        return x.new_empty(out, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        return x.new_empty(out, dtype=reference.int8_conv2d_out_dtype(x.dtype)).contiguous(
+            memory_format=torch.channels_last)
 
 
 if load_extension() is None:

@@ -56,6 +56,11 @@ def quantize_activation(x: Tensor, scale: float, zero_point: int) -> Tensor:
     return (torch.round(x.float() * (1.0 / scale)) + zero_point).clamp(0, 255).to(torch.uint8)
 
 
+def int8_conv2d_out_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """int8_conv2d's output dtype: x's, or float32 for a uint8 (already quantised) x."""
+    return torch.float32 if x_dtype == torch.uint8 else x_dtype
+
+
 def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, x_scale: float,
                 x_zero_point: int, stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
     """The int8 convolution: x quantised to uint8 with (x_scale, x_zero_point) (a uint8 x already
@@ -68,8 +73,7 @@ def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | 
     y = acc * (x_scale * weight_scale.double()).reshape(1, -1, 1, 1)
     if bias is not None:
         y = y + bias.double().reshape(1, -1, 1, 1)
-    out_dtype = torch.float32 if x.dtype == torch.uint8 else x.dtype
-    return y.to(out_dtype).contiguous(memory_format=torch.channels_last)
+    return y.to(int8_conv2d_out_dtype(x.dtype)).contiguous(memory_format=torch.channels_last)
 
 
 # Philox4x32 constants (Salmon et al. 2011; the same as cuRAND's and Triton's).
