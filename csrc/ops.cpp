@@ -26,6 +26,10 @@ TORCH_LIBRARY(ddpm_perf, m) {
   // (y, mean, rstd), the statistics (N, groups) in fp32 for the backward.
   m.def("group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, int groups, "
         "float eps, bool silu) -> (Tensor, Tensor, Tensor)");
+  // The forward's y quantised to uint8 for an int8 consumer: clamp(round(y / scale) + zero_point,
+  // 0, 255), y never stored in float. Forward only.
+  m.def("group_norm_silu_quantized(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, int groups, "
+        "float eps, bool silu, float scale, int zero_point) -> Tensor");
   // Gradients (grad_x, grad_weight, grad_bias); grad_x is also the gradient of x + shift.
   m.def("group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, "
         "Tensor? shift, Tensor mean, Tensor rstd, int groups, bool silu) -> (Tensor, Tensor, Tensor)");

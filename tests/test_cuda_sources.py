@@ -49,12 +49,13 @@ COMPILE_TIMEOUT_S = 1200
 _NS = "ddpm_perf::(anonymous namespace)::"
 EXPECTED = {
     "group_norm_silu.cu": {
-        "kernels": [f"{_NS}group_norm_silu_forward_kernel<{t}, {cl}>"
-                    for t in ("float", "c10::Half", "c10::BFloat16") for cl in ("false", "true")]
+        "kernels": [f"{_NS}group_norm_silu_forward_kernel<{t}, {o or t}, {cl}>"
+                    for t in ("float", "c10::Half", "c10::BFloat16") for o in ("", "unsigned char")
+                    for cl in ("false", "true")]
         + [f"{_NS}group_norm_silu_backward_kernel<{t}, {cl}>"
            for t in ("float", "c10::Half", "c10::BFloat16") for cl in ("false", "true")]
         + [f"{_NS}group_norm_param_grad_kernel"],
-        "ops": ["group_norm_silu", "group_norm_silu_backward"],
+        "ops": ["group_norm_silu", "group_norm_silu_quantized", "group_norm_silu_backward"],
     },
     "int8_conv2d.cu": {
         "kernels": [f"{_NS}int8_pack_weight_kernel"]

@@ -251,6 +251,120 @@ def test_bad_input_is_a_clear_error(args, message):
         kernel(call["x"], call["weight"], call["bias"], call["shift"], call["groups"], True)
 
 
+# ---- group_norm_silu_quantized: y as uint8 codes for int8_conv2d ----
+
+def quantized_kernel(x, weight, bias, shift, groups, silu, scale, zero_point, eps=1e-5):
+    return torch.ops.ddpm_perf.group_norm_silu_quantized(x, weight, bias, shift, groups, eps, silu, scale, zero_point)
+
+
+def assert_codes_close(q, x, weight, bias, shift, groups, silu, scale, zero_point):
+    """Codes equal to the reference's (from y in fp32), except one off where y / scale lies within
+    the SiLU's error of a rounding boundary: the kernel's SiLU is the bf16 outputs' one, relative
+    error <= 3.5e-4 (exponential and reciprocal), plus a little for the statistics' rounding."""
+    y = reference.group_norm_silu(x.float(), weight, bias, shift, groups, 1e-5, silu)[0]
+    ref = reference.quantize_activation(y, scale, zero_point)
+    assert q.dtype == torch.uint8 and q.shape == x.shape
+    diff = (q.int() - ref.int()).abs()
+    assert diff.max().item() <= 1
+    t = y * (1.0 / scale)
+    near_boundary = (t - t.floor() - 0.5).abs() <= 4e-4 * t.abs() + 2e-3
+    unexplained = (diff > 0) & ~near_boundary
+    assert not unexplained.any(), f"{unexplained.sum().item()} of {q.numel()} codes off away from a rounding boundary"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), groups=st.integers(1, 5), cpg=st.integers(1, 7), h=st.integers(1, 19),
+       w=st.integers(1, 19), dtype=st.sampled_from([torch.float32, torch.bfloat16]), channels_last=st.booleans(),
+       affine=st.booleans(), shift=st.booleans(), silu=st.booleans(), offset=st.sampled_from([0.0, 50.0]),
+       scale=st.sampled_from([0.004, 0.02, 0.3]), zero_point=st.integers(0, 255))
+def test_quantized_matches_reference(n, groups, cpg, h, w, dtype, channels_last, affine, shift, silu, offset, scale,
+                                     zero_point):
+    """The fuzz above, with the output quantised: the reference's codes, one off only next to a
+    rounding boundary (assert_codes_close), in x's memory format."""
+    x, weight, bias, s = make(n, groups * cpg, h, w, groups, dtype, channels_last, affine, shift, offset=offset)
+    q = quantized_kernel(x, weight, bias, s, groups, silu, scale, zero_point)
+    assert q.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert_codes_close(q, x, weight, bias, s, groups, silu, scale, zero_point)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(8, 64, 32, 32), (2, 96, 5, 7), (2, 512, 4, 4)])
+def test_quantized_codes_at_model_shapes(dtype, channels_last, shape):
+    """At the sizes the U-Net quantises (and a tail past whole blocks of 32 channels): the
+    reference's codes as assert_codes_close allows, the same at 1, 2 and 3 threads."""
+    x, weight, bias, s = make(*shape, 8, dtype, channels_last, offset=3.0)
+    scale, zero_point = 6 / 255, 21
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outputs.append(quantized_kernel(x, weight, bias, s, 8, True, scale, zero_point))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outputs[0], other) for other in outputs[1:])
+    assert_codes_close(outputs[0], x, weight, bias, s, 8, True, scale, zero_point)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_quantized_without_silu_is_the_int8_convs_own_quantisation(channels_last):
+    """Without the SiLU the fp32 values are group_norm_silu's exactly, so the codes are bit for bit
+    the ones int8_conv2d makes of its float output: the conv gives the same result on either."""
+    x, weight, bias, s = make(2, 64, 9, 7, 8, torch.float32, channels_last)
+    scale, zero_point = 0.02, 117
+    y = kernel(x, weight, bias, s, 8, False)[0]
+    q = quantized_kernel(x, weight, bias, s, 8, False, scale, zero_point)
+    assert torch.equal(q, reference.quantize_activation(y, scale, zero_point))
+    wq, w_scale = reference.quantize_weight(torch.randn(16, 64, 3, 3))
+    conv = [torch.ops.ddpm_perf.int8_conv2d(t, ops.int8_pack_weight(wq), wq.flatten(1).sum(1).int(), w_scale, None,
+                                            scale, zero_point, [3, 3], [1, 1], [1, 1]) for t in (y, q)]
+    assert torch.equal(conv[0], conv[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_quantized_saturates_outside_the_range(dtype, channels_last, silu):
+    """Values far below and above the quantised range (biases of -1e6 and 1e6, and 1e30 beyond
+    the int32 range of the conversion) give codes 0 and 255 (the SiLU takes -1e6 to 0: the zero
+    point)."""
+    x, weight, _, _ = make(2, 64, 8, 8, 8, dtype, channels_last, shift=False)
+    bias = torch.tensor([-1e6, 1e6, 1e30, 0.0]).repeat(16)
+    q = quantized_kernel(x, weight, bias, None, 8, silu, 0.01, 128)
+    assert (q[:, 0::4] == (128 if silu else 0)).all() and (q[:, 1::4] == 255).all() and (q[:, 2::4] == 255).all()
+    assert_codes_close(q, x, weight, bias, None, 8, silu, 0.01, 128)
+
+
+def test_quantized_opcheck():
+    x, weight, bias, s = make(2, 6, 4, 5, 3, torch.float32, False)
+    op = torch.ops.ddpm_perf.group_norm_silu_quantized.default
+    torch.library.opcheck(op, (x, weight, bias, s, 3, 1e-5, True, 0.05, 30))
+    torch.library.opcheck(op, (x.contiguous(memory_format=torch.channels_last), None, None, None, 3, 1e-5, False,
+                               0.05, 30))
+
+
+def test_quantized_compile_fullgraph():
+    x, weight, bias, s = make(2, 8, 6, 6, 4, torch.float32, True)
+
+    def f(x, s):
+        return ops.group_norm_silu_quantized(x, weight, bias, 4, 1e-5, True, s, 0.02, 40)[:, :4]
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    assert torch.equal(compiled(x, s), f(x, s))
+
+
+@pytest.mark.parametrize("scale, zero_point, message", [
+    (0.0, 0, "scale must be positive and finite"),
+    (float("nan"), 0, "scale must be positive and finite"),
+    (0.1, 256, r"zero_point must be in \[0, 255\]"),
+    (0.1, -1, r"zero_point must be in \[0, 255\]"),
+])
+def test_quantized_bad_input_is_a_clear_error(scale, zero_point, message):
+    with pytest.raises(RuntimeError, match=message):
+        quantized_kernel(torch.randn(2, 6, 4, 4), None, None, None, 3, True, scale, zero_point)
+
+
 def test_an_extension_built_for_another_torch_is_refused(monkeypatch):
     """The build records its torch version; a different running torch means: do not use it."""
     from ddpm_perf.ops import library

@@ -140,6 +140,17 @@ def test_saturates_outside_the_calibrated_range():
     torch.testing.assert_close(y, reference.int8_conv2d(x, wq, scale, bias, 0.01, 128, (1, 1), (0, 0)))
 
 
+@pytest.mark.parametrize("c", [64, 8])  # the 64-wide loop and the 16-lane tail
+def test_saturates_far_outside_the_int32_range(c):
+    """x / x_scale beyond 2^31: vcvtps2dq makes INT_MIN of it, which clamped a huge positive value
+    to code 0 instead of 255 before session 26."""
+    _, wq, scale, bias, colsum = quantized(16, c, 1)
+    x = torch.full((1, c, 2, 2), 1e12)
+    x[0, 0, 0, 0], x[0, 1, 1, 1] = -1e12, float("inf")
+    y = run(x.contiguous(memory_format=torch.channels_last), wq, scale, bias, colsum, 0.1, 10, 1, 1, 0)
+    torch.testing.assert_close(y, reference.int8_conv2d(x, wq, scale, bias, 0.1, 10, (1, 1), (0, 0)))
+
+
 def test_opcheck():
     _, wq, scale, bias, colsum = quantized(20, 6, 3)
     packed = torch.ops.ddpm_perf.int8_pack_weight(wq)

@@ -203,6 +203,32 @@ def _dropout_check(shape, channels_last, dtype_name, p, seed):
     _close(x.grad, ref_grad, dtype_name, "dropout gradient", scale_atol=False)
 
 
+def _gn_quantized_check(shape, groups, channels_last, dtype_name, silu, scale, zero_point):
+    """The uint8 output against the reference's codes (from y in fp32): tl.sigmoid is accurate, so
+    a code may be one off only where y / scale sits at a rounding boundary."""
+    import torch
+
+    import ddpm_perf_triton
+    from ddpm_perf.ops import reference
+
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, groups, dtype_name, "q")).encode()))
+    x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(getattr(torch, dtype_name))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    weight, bias, shift = torch.randn(c, generator=gen) + 1, torch.randn(c, generator=gen), torch.randn(shape[0], c)
+    bias[0] = 1e30  # beyond the int32 range: must still saturate to 255
+    q = ddpm_perf_triton.group_norm_silu_quantized(x, weight, bias, shift, groups, 1e-5, silu, scale, zero_point)
+    assert q.dtype == torch.uint8 and q.shape == x.shape
+    assert q.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    y = reference.group_norm_silu(x.float(), weight, bias, shift, groups, 1e-5, silu)[0]
+    ref = reference.quantize_activation(y, scale, zero_point)
+    diff = (q.int() - ref.int()).abs()
+    t = y * (1.0 / scale)
+    assert diff.max() <= 1 and not ((diff > 0) & ((t - t.floor() - 0.5).abs() > 1e-3)).any(), "codes off"
+    assert (q[:, 0] == 255).all()
+
+
 def _opcheck_check():
     import torch
 
@@ -224,6 +250,8 @@ def _opcheck_check():
     torch.library.opcheck(ops.attention_backward.default, (torch.randn_like(out), q.detach(), k, v.detach(), out, lse),
                           test_utils=("test_schema",))
     torch.library.opcheck(ops.dropout.default, (x, torch.tensor([5]), 0.3), test_utils=utils)
+    torch.library.opcheck(ops.group_norm_silu_quantized.default, (x.detach(), weight.detach(), bias, shift.detach(), 3,
+                                                                  1e-5, True, 0.05, 20), test_utils=("test_schema",))
 
 
 def _interpreter_check():
@@ -267,6 +295,10 @@ _case("gn-bf16-nchw-bf16_params", _gn_check, (1, 10, 3, 11), 5, False, "bfloat16
       param_dtype_name="bfloat16")
 _case("gn-fp32-3d_input", _gn_check, (2, 6, 7), 3, False, "float32", "wb", True, True)
 _case("gn-fp16-cl-plain", _gn_check, (2, 8, 4, 4), 4, True, "float16", None, False, False)
+# group_norm_silu_quantized: (shape, groups, channels_last, dtype, silu, scale, zero_point)
+_case("gn_quantized-fp32-nchw-silu", _gn_quantized_check, (2, 6, 5, 7), 3, False, "float32", True, 0.02, 30)
+_case("gn_quantized-fp32-cl-no_silu", _gn_quantized_check, (2, 15, 7, 5), 5, True, "float32", False, 0.03, 128)
+_case("gn_quantized-bf16-cl-silu", _gn_quantized_check, (1, 10, 3, 11), 5, True, "bfloat16", True, 0.01, 0)
 # attention: (q shape, k/v shape, dtype); the blocks are 64 (d <= 64), 32 (d <= 256), 16 keys (d <= 512).
 _case("attn-fp32-L37-d24", _attention_check, (2, 37, 24), (2, 37, 24), "float32")
 _case("attn-fp32-batch1-L80-d40", _attention_check, (1, 80, 40), (1, 80, 40), "float32")

@@ -1,7 +1,8 @@
 """Triton kernels of the ddpm_perf ops (GPU; tested on the CPU under TRITON_INTERPRET=1).
 
-Importing the package registers the operators ``ddpm_perf_triton::group_norm_silu``,
-``ddpm_perf_triton::attention`` and ``ddpm_perf_triton::dropout`` (and their backwards) if Triton is importable; without Triton the
+Importing the package registers the operators ``ddpm_perf_triton::group_norm_silu`` (and its
+uint8-output form ``group_norm_silu_quantized``), ``ddpm_perf_triton::attention`` and
+``ddpm_perf_triton::dropout`` (and their backwards) if Triton is importable; without Triton the
 package still imports and ``available()`` says why the kernels are missing.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["available", "attention", "dropout", "group_norm_silu"]
+__all__ = ["available", "attention", "dropout", "group_norm_silu", "group_norm_silu_quantized"]
 
 
 def available() -> str | None:
@@ -55,6 +56,14 @@ def group_norm_silu(x: Tensor, weight: Tensor | None = None, bias: Tensor | None
     """``silu(group_norm(x + shift[:, :, None, None]) * weight + bias)`` (differentiable); returns y."""
     _require()
     return _group_norm_silu_module.group_norm_silu_op(x, weight, bias, shift, groups, eps, silu)[0]
+
+
+def group_norm_silu_quantized(x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor | None,
+                              groups: int, eps: float, silu: bool, scale: float, zero_point: int) -> Tensor:
+    """The same, quantised to uint8 with (scale, zero_point) for an int8 consumer (forward only)."""
+    _require()
+    return _group_norm_silu_module.group_norm_silu_quantized_op(x, weight, bias, shift, groups, eps, silu, scale,
+                                                                zero_point)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

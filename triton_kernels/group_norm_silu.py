@@ -27,17 +27,30 @@ def _silu_grad(z):
 
 
 @triton.jit
+def _quantize_u8(z, inv_scale, zero_point):
+    # round(z * inv_scale) + zero_point clamped to [0, 255], as reference.quantize_activation. Half
+    # to even by adding and subtracting 1.5 * 2^23 (exact for |t| <= 2^22; t is clamped first,
+    # which cannot change the clamped result).
+    t = tl.minimum(tl.maximum(z * inv_scale, -512.0), 512.0)
+    r = (t + 12582912.0) - 12582912.0
+    return tl.minimum(tl.maximum(r + zero_point, 0.0), 255.0).to(tl.uint8)
+
+
+@triton.jit
 def _gn_forward_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
-                       C, HW, groups, cpg, eps,
+                       C, HW, groups, cpg, eps, inv_scale, zero_point,
                        sxn, sxc, sxhw, syn, syc, syhw,
                        HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                       SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+                       SILU: tl.constexpr, QUANT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    # QUANT: y is uint8, quantised with (inv_scale, zero_point) for an int8 consumer.
     pid = tl.program_id(0)
     n = (pid // groups).to(tl.int64)  # int64: n * sxn overflows int32 on large batches
     c0 = (pid % groups) * cpg
     x_base = x_ptr + n * sxn + c0 * sxc
     y_base = y_ptr + n * syn + c0 * syc
     eps = tl.cast(eps, tl.float32)  # Inductor may pass Python floats as fp64
+    inv_scale = tl.cast(inv_scale, tl.float32)
+    zero_point = tl.cast(zero_point, tl.float32)
     hw_range = tl.arange(0, BLOCK_HW)
     c_range = tl.arange(0, BLOCK_C)
 
@@ -93,7 +106,11 @@ def _gn_forward_kernel(x_ptr, shift_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr
                 z = z + b[None, :]
             if SILU:
                 z = z * tl.sigmoid(z)
-            tl.store(y_base + hw[:, None] * syhw + cc[None, :] * syc, z.to(y_ptr.dtype.element_ty), mask=mask)
+            if QUANT:
+                out = _quantize_u8(z, inv_scale, zero_point)
+            else:
+                out = z.to(y_ptr.dtype.element_ty)
+            tl.store(y_base + hw[:, None] * syhw + cc[None, :] * syc, out, mask=mask)
 
 
 @triton.jit
@@ -231,17 +248,15 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shift: O
         raise ValueError(f"group_norm_silu: x is empty (shape {tuple(x.shape)})")
 
 
-@torch.library.triton_op("ddpm_perf_triton::group_norm_silu", mutates_args=())
-def group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shift: Optional[Tensor],
-                       groups: int, eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (y in x's dtype and memory format, mean (N, groups) fp32, rstd (N, groups) fp32)."""
-    _check(x, weight, bias, shift, groups)
-    _check_launchable(_gn_forward_kernel, x, "group_norm_silu")
+def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shift: Optional[Tensor], groups: int,
+             eps: float, silu: bool, quant: Optional[tuple[float, int]]) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, rstd); y in x's dtype, or uint8 quantised with quant = (scale, zero_point)."""
     x = _layout(x, _is_channels_last(x))
     n, c = x.shape[:2]
     hw = math.prod(x.shape[2:])
     cpg = c // groups
-    y = torch.empty_like(x)
+    y = torch.empty_like(x) if quant is None else torch.empty_like(x, dtype=torch.uint8)
+    inv_scale, zero_point = (1.0, 0) if quant is None else (1.0 / quant[0], quant[1])
     mean = torch.empty((n, groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty((n, groups), device=x.device, dtype=torch.float32)
     shift_c = shift.contiguous() if shift is not None else None
@@ -252,10 +267,34 @@ def group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     torch.library.wrap_triton(_gn_forward_kernel)[(n * groups,)](
         x, shift_c if shift_c is not None else x, weight_c if weight_c is not None else x,
         bias_c if bias_c is not None else x, y, mean, rstd,
-        c, hw, groups, cpg, eps, *_nchw_strides(x), *_nchw_strides(y),
+        c, hw, groups, cpg, eps, inv_scale, zero_point, *_nchw_strides(x), *_nchw_strides(y),
         HAS_SHIFT=shift is not None, HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu,
-        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
+        QUANT=quant is not None, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps)
     return y, mean, rstd
+
+
+@torch.library.triton_op("ddpm_perf_triton::group_norm_silu", mutates_args=())
+def group_norm_silu_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], shift: Optional[Tensor],
+                       groups: int, eps: float, silu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (y in x's dtype and memory format, mean (N, groups) fp32, rstd (N, groups) fp32)."""
+    _check(x, weight, bias, shift, groups)
+    _check_launchable(_gn_forward_kernel, x, "group_norm_silu")
+    return _forward(x, weight, bias, shift, groups, eps, silu, None)
+
+
+@torch.library.triton_op("ddpm_perf_triton::group_norm_silu_quantized", mutates_args=())
+def group_norm_silu_quantized_op(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                                 shift: Optional[Tensor], groups: int, eps: float, silu: bool, scale: float,
+                                 zero_point: int) -> Tensor:
+    """y quantised to uint8, ``clamp(round(y / scale) + zero_point, 0, 255)``, in x's memory format
+    (forward only: for an int8 consumer)."""
+    _check(x, weight, bias, shift, groups)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"group_norm_silu_quantized: scale must be positive and finite, got {scale}")
+    if not 0 <= zero_point <= 255:
+        raise ValueError(f"group_norm_silu_quantized: zero_point must be in [0, 255], got {zero_point}")
+    _check_launchable(_gn_forward_kernel, x, "group_norm_silu_quantized")
+    return _forward(x, weight, bias, shift, groups, eps, silu, (scale, zero_point))[0]
 
 
 @torch.library.triton_op("ddpm_perf_triton::group_norm_silu_backward", mutates_args=())

@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "quantize.h"
 #include "simd.h"
 
 namespace ddpm_perf::cpu {
@@ -68,15 +69,13 @@ Tensor int8_pack_weight_cpu(const Tensor& weight) {
 
 template <typename T>
 void quantize_row_scalar(const T* x, uint8_t* q, int64_t C, float inv_scale, int zp) {
-  for (int64_t c = 0; c < C; ++c) {
-    const float v = std::nearbyint(to_float(x[c]) * inv_scale) + zp;
-    q[c] = static_cast<uint8_t>(std::min(255.f, std::max(0.f, v)));
-  }
+  const Quant quant{inv_scale, zp};
+  for (int64_t c = 0; c < C; ++c) q[c] = quantize(to_float(x[c]), quant);
 }
 
-template <typename T>  // round(x * inv_scale) + zp in int32, rounding to even
+template <typename T>  // round(x * inv_scale) + zp in int32 (quantize.h)
 DDPM_AVX512 inline __m512i to_int(const T* x, __mmask16 m, __m512 inv_scale, __m512i zp) {
-  return _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load16(x, m), inv_scale)), zp);
+  return quantize16_epi32(load16(x, m), inv_scale, zp);
 }
 
 template <typename T>

@@ -32,10 +32,14 @@
 
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+
+#include "quantize.cuh"
 
 // fp32, fp16 and bf16 only (the reference computes in fp32, so double is not offered here).
 #define DDPM_PERF_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)               \
@@ -194,14 +198,27 @@ __device__ __forceinline__ float dz_from_dy(float dy, float z, bool apply_silu) 
 // Forward
 // ---------------------------------------------------------------------------------------------
 
+// The stored output: y in x's dtype, or (out_t uint8_t) quantised for an int8 consumer.
+struct OutputQuant {
+  float inv_scale, zero_point;
+};
+template <typename out_t>
+__device__ __forceinline__ out_t to_output(float v, OutputQuant) {
+  return static_cast<out_t>(v);
+}
+template <>
+__device__ __forceinline__ uint8_t to_output<uint8_t>(float v, OutputQuant q) {
+  return static_cast<uint8_t>(quantize_u8(v, q.inv_scale, q.zero_point));
+}
+
 // grid: N * groups blocks of kThreads. weight, bias, shift: fp32 or nullptr.
-template <typename scalar_t, bool kChannelsLast>
+template <typename scalar_t, typename out_t, bool kChannelsLast>
 __global__ void __launch_bounds__(kThreads)
     group_norm_silu_forward_kernel(const scalar_t* __restrict__ x, const float* __restrict__ weight,
                                    const float* __restrict__ bias, const float* __restrict__ shift,
-                                   scalar_t* __restrict__ y, float* __restrict__ mean_out,
+                                   out_t* __restrict__ y, float* __restrict__ mean_out,
                                    float* __restrict__ rstd_out, int C, int HW, int groups, float eps,
-                                   bool apply_silu) {
+                                   bool apply_silu, OutputQuant quant) {
   const int ng = blockIdx.x;
   const int n = ng / groups;
   const int g = ng - n * groups;
@@ -210,7 +227,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t sample = static_cast<int64_t>(n) * C * HW;
   const float* shift_n = shift == nullptr ? nullptr : shift + static_cast<int64_t>(n) * C;
   const scalar_t* x_n = x + sample;
-  scalar_t* y_n = y + sample;
+  out_t* y_n = y + sample;
 
   // Pass 1: statistics of h = x + shift.
   Welford w;
@@ -245,7 +262,7 @@ __global__ void __launch_bounds__(kThreads)
     if (weight != nullptr) out *= weight[c];
     if (bias != nullptr) out += bias[c];
     if (apply_silu) out = silu(out);
-    y_n[offset] = static_cast<scalar_t>(out);
+    y_n[offset] = to_output<out_t>(out, quant);
   }
 }
 
@@ -455,6 +472,30 @@ Geometry check_geometry(const at::Tensor& x, int64_t groups) {
   return geo;
 }
 
+// One forward launch: y in x's dtype, or uint8 (quantised with quant) when y is a Byte tensor.
+void launch_forward(const at::Tensor& xc, const at::Tensor& w, const at::Tensor& b, const at::Tensor& sh,
+                    at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, const Geometry& geo, double eps, bool silu,
+                    OutputQuant quant) {
+  const int blocks = static_cast<int>(geo.N * geo.groups);
+  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  DDPM_PERF_DISPATCH_FLOAT_HALF_BF16(xc.scalar_type(), "ddpm_perf::group_norm_silu (CUDA)", [&] {
+    const auto launch = [&](auto* y_ptr) {
+      using out_t = std::remove_pointer_t<decltype(y_ptr)>;
+      const auto kernel = geo.channels_last ? group_norm_silu_forward_kernel<scalar_t, out_t, true>
+                                            : group_norm_silu_forward_kernel<scalar_t, out_t, false>;
+      kernel<<<blocks, kThreads, 0, stream>>>(
+          xc.const_data_ptr<scalar_t>(), ptr_or_null(w), ptr_or_null(b), ptr_or_null(sh), y_ptr,
+          mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), static_cast<int>(geo.C),
+          static_cast<int>(geo.HW), static_cast<int>(geo.groups), static_cast<float>(eps), silu, quant);
+    };
+    if (y.scalar_type() == at::kByte)
+      launch(y.mutable_data_ptr<uint8_t>());
+    else
+      launch(y.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu) {
@@ -478,25 +519,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
     return {y, mean, rstd};
   }
 
-  const int blocks = static_cast<int>(geo.N * geo.groups);
-  cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  DDPM_PERF_DISPATCH_FLOAT_HALF_BF16(xc.scalar_type(), "ddpm_perf::group_norm_silu (CUDA)", [&] {
-    const auto* x_ptr = xc.const_data_ptr<scalar_t>();
-    auto* y_ptr = y.mutable_data_ptr<scalar_t>();
-    if (geo.channels_last) {
-      group_norm_silu_forward_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(
-          x_ptr, ptr_or_null(w), ptr_or_null(b), ptr_or_null(sh), y_ptr, mean.mutable_data_ptr<float>(),
-          rstd.mutable_data_ptr<float>(), static_cast<int>(geo.C), static_cast<int>(geo.HW),
-          static_cast<int>(geo.groups), static_cast<float>(eps), silu);
-    } else {
-      group_norm_silu_forward_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(
-          x_ptr, ptr_or_null(w), ptr_or_null(b), ptr_or_null(sh), y_ptr, mean.mutable_data_ptr<float>(),
-          rstd.mutable_data_ptr<float>(), static_cast<int>(geo.C), static_cast<int>(geo.HW),
-          static_cast<int>(geo.groups), static_cast<float>(eps), silu);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  launch_forward(xc, w, b, sh, y, mean, rstd, geo, eps, silu, OutputQuant{1.f, 0.f});
   return {y, mean, rstd};
+}
+
+// y quantised to uint8 (clamp(round(y / scale) + zero_point, 0, 255)) for an int8 consumer; the
+// statistics are scratch (no backward).
+at::Tensor group_norm_silu_quantized_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                          const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& shift, int64_t groups, double eps,
+                                          bool silu, double scale, int64_t zero_point) {
+  check_float_input(x, "x");
+  const Geometry geo = check_geometry(x, groups);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0,
+              "ddpm_perf::group_norm_silu_quantized (CUDA): scale must be positive and finite, got ", scale);
+  TORCH_CHECK(zero_point >= 0 && zero_point <= 255,
+              "ddpm_perf::group_norm_silu_quantized (CUDA): zero_point must be in [0, 255], got ", zero_point);
+  TORCH_CHECK(x.numel() > 0, "ddpm_perf::group_norm_silu_quantized (CUDA): empty input");
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::Tensor w = channel_param(weight, x, geo.C, "weight");
+  const at::Tensor b = channel_param(bias, x, geo.C, "bias");
+  const at::Tensor sh = channel_param(shift, x, geo.N * geo.C, "shift");
+  const at::Tensor xc = x.contiguous(geo.memory_format);
+  at::Tensor y = at::empty_like(xc, xc.options().dtype(at::kByte));
+  const auto stat_options = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({geo.N, geo.groups}, stat_options);
+  at::Tensor rstd = at::empty({geo.N, geo.groups}, stat_options);
+  launch_forward(xc, w, b, sh, y, mean, rstd, geo, eps, silu,
+                 OutputQuant{static_cast<float>(1.0 / scale), static_cast<float>(zero_point)});
+  return y;
 }
 
 // Returns (grad_x in x's dtype and memory format, grad_weight, grad_bias). grad_weight (grad_bias)
@@ -589,5 +640,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_backward_cuda(
 
 TORCH_LIBRARY_IMPL(ddpm_perf, CUDA, m) {
   m.impl("group_norm_silu", &ddpm_perf::group_norm_silu_cuda);
+  m.impl("group_norm_silu_quantized", &ddpm_perf::group_norm_silu_quantized_cuda);
   m.impl("group_norm_silu_backward", &ddpm_perf::group_norm_silu_backward_cuda);
 }

@@ -38,6 +38,8 @@
 #include <limits>
 #include <optional>
 
+#include "quantize.cuh"
+
 #define DDPM_PERF_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)               \
   AT_DISPATCH_SWITCH(TYPE, NAME,                                          \
                      AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
@@ -105,12 +107,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
 // Activation quantisation
 // ---------------------------------------------------------------------------------------------
 
-// As reference.quantize_activation: round(x * inv_scale) + zero_point, clamped to [0, 255]
-// (fp32 throughout; rintf rounds half to even like torch.round). NaN becomes 0.
-__device__ __forceinline__ uint32_t quantize_u8(float v, float inv_scale, float zero_point) {
-  const float q = rintf(v * inv_scale) + zero_point;
-  return static_cast<uint32_t>(fminf(fmaxf(q, 0.f), 255.f));
-}
+// quantize_u8: quantize.cuh
 
 // An element of x as its uint8 code: quantised, or as it is when x is already uint8.
 template <typename scalar_t>

@@ -14,13 +14,13 @@ import sys
 import torch
 
 from .library import extension_status, load_extension
-from .group_norm_silu import group_norm_silu
+from .group_norm_silu import group_norm_silu, group_norm_silu_quantized
 from .int8_conv2d import int8_conv2d, int8_pack_weight
 from .attention import attention
 from .dropout import dropout
 
-__all__ = ["backends", "extension_status", "load_extension", "group_norm_silu", "int8_conv2d",
-           "int8_pack_weight", "attention", "dropout"]
+__all__ = ["backends", "extension_status", "load_extension", "group_norm_silu", "group_norm_silu_quantized",
+           "int8_conv2d", "int8_pack_weight", "attention", "dropout"]
 
 
 def backends(device: str = "cpu") -> dict[str, str]:

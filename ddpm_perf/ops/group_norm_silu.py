@@ -1,4 +1,5 @@
-"""``group_norm_silu``: fused ``[silu](group_norm(x + shift) * weight + bias)``, forward and backward.
+"""``group_norm_silu``: fused ``[silu](group_norm(x + shift) * weight + bias)``, forward and backward;
+``group_norm_silu_quantized``: its forward with y quantised to uint8 for an int8 consumer.
 
 Backends: Triton (``ddpm_perf_triton``) for CUDA tensors when Triton is installed, otherwise the
 C++/CUDA kernels of ``ddpm_perf._C``, otherwise :func:`ddpm_perf.ops.reference.group_norm_silu`.
@@ -22,6 +23,11 @@ def _register() -> None:
         y = torch.empty_like(x, memory_format=torch.preserve_format)
         stats = x.new_empty((x.shape[0], groups), dtype=torch.float32)
         return y, stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("ddpm_perf::group_norm_silu_quantized")
+    def _(x, weight, bias, shift, groups, eps, silu, scale, zero_point):
+        torch._check(x.dim() >= 2 and x.shape[1] % groups == 0, lambda: "channels must divide into groups")
+        return torch.empty_like(x, dtype=torch.uint8, memory_format=torch.preserve_format)
 
     @torch.library.register_fake("ddpm_perf::group_norm_silu_backward")
     def _(grad_y, x, weight, bias, shift, mean, rstd, groups, silu):
@@ -57,6 +63,7 @@ def backend(device: torch.device) -> str:
 
 
 _backend = per_device_type(backend)
+_quantized_backend = per_device_type(lambda device: kernel_backend(f"{OP}_quantized", device))
 
 
 def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float = 1e-5,
@@ -72,3 +79,19 @@ def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, group
     if kind.startswith("reference"):
         return reference.group_norm_silu(x, weight, bias, shift, groups, eps, silu)[0]
     return torch.ops.ddpm_perf.group_norm_silu(x, weight, bias, shift, groups, eps, silu)[0]
+
+
+def group_norm_silu_quantized(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float,
+                              silu: bool, shift: Tensor | None, scale: float, zero_point: int) -> Tensor:
+    """:func:`group_norm_silu`'s y quantised to uint8, ``clamp(round(y / scale) + zero_point, 0, 255)``,
+    as ``int8_conv2d`` quantises its input: a norm feeding that convolution hands it codes and never
+    writes y in float. Forward only. Rounding as the int8 convolution's (``y * (1 / scale)``, half to
+    even); the CPU kernel's SiLU is the bf16 outputs' (at most 0.074 of a quantisation step off inside
+    the quantised range), so a code can differ by one from the reference's.
+    """
+    kind = _quantized_backend(x.device.type)
+    if kind == "triton":
+        return triton_kernels().group_norm_silu_quantized(x, weight, bias, shift, groups, eps, silu, scale, zero_point)
+    if kind.startswith("reference"):
+        return reference.group_norm_silu_quantized(x, weight, bias, shift, groups, eps, silu, scale, zero_point)
+    return torch.ops.ddpm_perf.group_norm_silu_quantized(x, weight, bias, shift, groups, eps, silu, scale, zero_point)

@@ -37,6 +37,14 @@ def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, shift
     return y.to(x.dtype), mean, rstd
 
 
+def group_norm_silu_quantized(x: Tensor, weight: Tensor | None, bias: Tensor | None, shift: Tensor | None,
+                              groups: int, eps: float, silu: bool, scale: float, zero_point: int) -> Tensor:
+    """``group_norm_silu``'s y quantised to uint8 with (scale, zero_point), from y in fp32 (for a bf16
+    x too: y is never rounded to x's dtype)."""
+    y = group_norm_silu(x.float(), weight, bias, shift, groups, eps, silu)[0]
+    return quantize_activation(y, scale, zero_point)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention ``softmax(q k^T / sqrt(d)) v`` over (..., L, d) tensors, fp32 inside."""
     scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
