@@ -38,11 +38,11 @@ TORCH_LIBRARY(ddpm_perf, m) {
   // conv2d(dequant(quant(x)), weight * weight_scale[:, None, None, None]) + bias, computed as
   // uint8 x int8 -> int32 with the dequantisation fused into the epilogue. A floating x is
   // quantised with the static per-tensor (x_scale, x_zero_point); a uint8 x is already quantised
-  // with them. weight_colsum[o] = sum of weight[o] (int32). Output: channels_last, x's dtype
-  // (float32 for a uint8 x).
+  // with them. weight_colsum[o] = sum of weight[o] (int32). Output: channels_last, out_dtype, by
+  // default x's dtype (float32 for a uint8 x).
   m.def("int8_conv2d(Tensor x, Tensor packed_weight, Tensor weight_colsum, Tensor weight_scale, "
         "Tensor? bias, float x_scale, int x_zero_point, int[2] kernel_size, int[2] stride, "
-        "int[2] padding) -> Tensor");
+        "int[2] padding, ScalarType? out_dtype=None) -> Tensor");
   // Dropout with a counter-based mask: y = keep ? x / (1 - p) : 0, keep drawn from Philox4x32-10
   // keyed by seed (a one-element int64 CPU tensor), a function of (n, c, spatial index) and not of
   // the layout; the mask is never stored, the backward is the same op on the gradient.

@@ -11,9 +11,15 @@ from ddpm_perf.plugins import Phase, Plugin
 
 
 class FusedNormAct(NormAct):
-    """NormAct computed by the fused op; same parameters, same state-dict keys."""
+    """NormAct computed by the fused op; same parameters, same state-dict keys. With
+    ``quantize_output`` set (by the int8 plugin) it returns uint8 codes for its int8 consumers."""
+
+    writes_uint8 = True
 
     def forward(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
+        if self.quantize_output is not None:
+            return ops.group_norm_silu_quantized(x, self.weight, self.bias, self.num_groups, self.eps, self.silu,
+                                                 shift, *self.quantize_output)
         return ops.group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, self.silu, shift)
 
 

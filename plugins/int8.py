@@ -59,7 +59,16 @@ class Int8Conv2d(nn.Module):
 
     def _int8(self, x: Tensor) -> Tensor:
         return ops.int8_conv2d(x, self.packed_weight, self.weight_colsum, self.weight_scale, self.float_bias,
-                               self.x_scale, self.x_zero_point, self.kernel_size, self.stride, self.padding)
+                               self.x_scale, self.x_zero_point, self.kernel_size, self.stride, self.padding,
+                               self._out_dtype(x))
+
+    @staticmethod
+    def _out_dtype(x: Tensor) -> torch.dtype | None:
+        """For codes from a norm (NormAct.quantize_output), the dtype the float input would have had:
+        autocast's where it is on (amp), else float32. A float x sets the output's dtype itself."""
+        if x.dtype == torch.uint8 and torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.x_scale is None:
@@ -145,6 +154,8 @@ class Int8(Plugin):
         "batch": Option(int, 8, "images in the calibration trajectory"),
         "calibration": Option(str, "", "calibration file (default: <checkpoint>.int8.json)"),
         "recalibrate": Option(bool, False, "calibrate again and overwrite the file"),
+        "norm_codes": Option(bool, True, "norms whose kernel can (fused_norm) hand their int8 consumers uint8 "
+                             "codes instead of float values"),
     }
 
     @hookimpl
@@ -208,6 +219,7 @@ class Int8(Plugin):
 
     @hookimpl
     def calibrate(self, engine, ctx):
+        self._pair_norms(enable=False)  # the observers must see float inputs
         path = self._path(ctx)
         saved = None if self.opts.recalibrate or path is None or not path.exists() else self._load(path)
         if saved is not None and saved["settings"] == self._settings():
@@ -227,6 +239,29 @@ class Int8(Plugin):
                             "recalibrate with int8(recalibrate=true)")
         for name, layer in self.layers.items():
             layer.set_range(*ranges[name])
+        if self.opts.norm_codes:
+            paired = self._pair_norms(enable=True)
+            if paired:
+                ctx.report.append(f"int8: {paired} norms hand their consumers uint8 codes")
+
+    def _pair_norms(self, enable: bool) -> int:
+        """Have each norm that can write uint8 (NormAct.writes_uint8) quantise its output for its
+        consumers (a block's ``norm_consumers``) when all of them are this plugin's int8 layers with
+        one input range; the consumers then skip their own quantisation. Returns how many."""
+        int8_layers = {id(layer) for layer in self.layers.values()}
+        paired = 0
+        for block in self.model.modules():
+            for norm_name, consumer_names in getattr(block, "norm_consumers", {}).items():
+                norm = getattr(block, norm_name, None)
+                if not getattr(norm, "writes_uint8", False):
+                    continue
+                norm.quantize_output = None
+                consumers = [getattr(block, name, None) for name in consumer_names]
+                ranges = {(c.x_scale, c.x_zero_point) for c in consumers if id(c) in int8_layers}
+                if enable and not block.training and len(ranges) == 1 and all(id(c) in int8_layers for c in consumers):
+                    norm.quantize_output = ranges.pop()
+                    paired += 1
+        return paired
 
     def _load(self, path: Path) -> dict:
         try:

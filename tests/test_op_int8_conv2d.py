@@ -215,6 +215,30 @@ def test_uint8_x_is_the_float_x_quantised():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k, pad", [(3, 1), (1, 0)])
+def test_out_dtype_chooses_the_output_dtype(dtype, out_dtype, k, pad):
+    """out_dtype overrides x's dtype (float32 for uint8) for the output: codes from a norm under
+    autocast come out in bf16, as their float input would have."""
+    _, wq, scale, bias, colsum = quantized(24, 20, k)
+    x = activations((2, 20, 7, 6), dtype).contiguous(memory_format=torch.channels_last)
+    packed = torch.ops.ddpm_perf.int8_pack_weight(wq)
+    y = torch.ops.ddpm_perf.int8_conv2d(x, packed, colsum, scale, bias, 0.05, 9, [k, k], [1, 1], [pad, pad], out_dtype)
+    assert y.dtype == out_dtype
+    torch.testing.assert_close(y, reference.int8_conv2d(x, wq, scale, bias, 0.05, 9, (1, 1), (pad, pad), out_dtype),
+                               **TOL[out_dtype])
+    torch.library.opcheck(torch.ops.ddpm_perf.int8_conv2d.default,
+                          (x, packed, colsum, scale, bias, 0.05, 9, [k, k], [1, 1], [pad, pad], out_dtype))
+
+
+def test_out_dtype_float16_is_a_clear_error_on_the_cpu():
+    _, wq, scale, bias, colsum = quantized(8, 4, 1)
+    with pytest.raises(RuntimeError, match="writes float32 or bfloat16, got out_dtype Half"):
+        torch.ops.ddpm_perf.int8_conv2d(torch.randn(1, 4, 3, 3), torch.ops.ddpm_perf.int8_pack_weight(wq), colsum,
+                                        scale, bias, 0.1, 0, [1, 1], [1, 1], [0, 0], torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
 @pytest.mark.parametrize("k, pad", [(3, 1), (1, 0)])
 def test_empty_batch_gives_an_empty_output(dtype, k, pad):
     """Batch 0 returns an empty (0, O, OH, OW) output, as F.conv2d does (it crashed the process

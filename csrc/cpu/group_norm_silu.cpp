@@ -410,6 +410,16 @@ DDPM_AVX512_BF16 inline void out32_pair_bf16(uint16_t* p, __m512 even, __m512 od
   store32_pair_bf16(p, even, odd);
 }
 
+// ... or uint8 by float rounding and one byte permutation (AVX512_VBMI, quantize.h).
+DDPM_AVX512_VBMI inline void out16_vbmi(uint8_t* p, __m512 v, __mmask16 m, const Quant& q) { store16_vbmi(p, v, m, q); }
+DDPM_AVX512_VBMI inline void out32_vbmi(uint8_t* p, __m512 lo, __m512 hi, const Quant& q) {
+  store32_vbmi<false>(p, lo, hi, q);
+}
+template <typename T>
+DDPM_AVX512_VBMI inline void out32_pair_vbmi(uint8_t* p, __m512 a, __m512 b, const Quant& q) {
+  store32_vbmi<!std::is_same_v<T, float>>(p, a, b, q);
+}
+
 // The AVX-512 output loops, stamped once per store flavour: a function's target attribute cannot
 // depend on a template parameter, and the AVX512_BF16 stores only inline into functions whose
 // target includes avx512bf16.
@@ -510,6 +520,7 @@ DDPM_AVX512_BF16 inline void out32_pair_bf16(uint16_t* p, __m512 even, __m512 od
 
 GN_OUTPUT_KERNELS(DDPM_AVX512, avx512, out16, out32, out32_pair)
 GN_OUTPUT_KERNELS(DDPM_AVX512_BF16, avx512bf16, out16_bf16, out32_bf16, out32_pair_bf16)
+GN_OUTPUT_KERNELS(DDPM_AVX512_VBMI, avx512vbmi, out16_vbmi, out32_vbmi, out32_pair_vbmi)
 #undef GN_OUTPUT_KERNELS
 
 template <typename T, typename Y>
@@ -534,6 +545,10 @@ enum class Isa { kScalar, kAvx512, kAvx512Bf16 };
 
 template <typename T, typename Y, bool Act>
 OutputKernels<T, Y> output_kernels(Isa isa) {
+  if constexpr (std::is_same_v<Y, uint8_t>)
+    if (isa != Isa::kScalar && cpu_has_avx512_vbmi())
+      return {rows_out_avx512vbmi<T, Y, Act>, rows_out_sums_avx512vbmi<T, Y, Act>, pixels_out_avx512vbmi<T, Y, Act>,
+              pixels_out_avx512vbmi<T, Y, Act, true>};
   if constexpr (std::is_same_v<Y, uint16_t>)
     if (isa == Isa::kAvx512Bf16)
       return {rows_out_avx512bf16<T, Y, Act>, rows_out_sums_avx512bf16<T, Y, Act>, pixels_out_avx512bf16<T, Y, Act>,

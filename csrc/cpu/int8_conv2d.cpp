@@ -508,11 +508,15 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
 
 Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& colsum, const Tensor& w_scale,
                        const c10::optional<Tensor>& bias, double x_scale, int64_t x_zero_point,
-                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding) {
+                       at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
+                       std::optional<at::ScalarType> out_dtype_arg) {
   TORCH_CHECK(x_in.dim() == 4, "int8_conv2d: x must be (N, C, H, W), got ", x_in.sizes());
   const auto dtype = x_in.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kByte,
               "int8_conv2d on CPU takes float32, bfloat16 or uint8 (already quantised) x, got ", dtype);
+  const auto out_dtype = out_dtype_arg.value_or(dtype == at::kByte ? at::kFloat : dtype);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16,
+              "int8_conv2d on CPU writes float32 or bfloat16, got out_dtype ", out_dtype);
   TORCH_CHECK(packed.scalar_type() == at::kChar && packed.dim() == 1,
               "int8_conv2d: packed_weight must come from int8_pack_weight");
   TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 2,
@@ -534,7 +538,6 @@ Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& c
   const int64_t OH = (H - kernel_size[0]) / stride[0] + 1, OW = (W - kernel_size[1]) / stride[1] + 1;
 
   const Tensor x = x_in.contiguous(at::MemoryFormat::ChannelsLast);
-  const auto out_dtype = dtype == at::kByte ? at::kFloat : dtype;
   Tensor out = at::empty({x.size(0), O, OH, OW},
                          x.options().dtype(out_dtype).memory_format(at::MemoryFormat::ChannelsLast));
   if (out.numel() == 0) return out;  // an empty batch, as F.conv2d (the work split divides by the tiles)
@@ -561,12 +564,18 @@ Tensor int8_conv2d_cpu(const Tensor& x_in, const Tensor& packed, const Tensor& c
       conv_impl<In, Out>(x, packed, O, e, inv_scale, kernel_size[0], kernel_size[1], stride[0], stride[1],
                          padding[0], padding[1], out);
   };
+  const auto run_into = [&](auto in) {
+    if (out_dtype == at::kFloat)
+      run(in, float{});
+    else
+      run(in, uint16_t{});  // bfloat16
+  };
   if (dtype == at::kFloat)
-    run(float{}, float{});
+    run_into(float{});
   else if (dtype == at::kBFloat16)
-    run(uint16_t{}, uint16_t{});
+    run_into(uint16_t{});
   else
-    run(uint8_t{}, float{});
+    run_into(uint8_t{});
   return out;
 }
 

@@ -47,4 +47,48 @@ DDPM_AVX512 inline void store16(uint8_t* p, __m512 v, __mmask16 m, const Quant& 
   _mm_mask_storeu_epi8(p, m, quantize16_u8(v, q));
 }
 
+// With AVX512_VBMI (Ice Lake, Zen 4 and later), for loops whose vector pipes are already busy
+// (group_norm_silu's SiLU): t + (1.5 * 2^23 + zero_point) rounds t to the nearest integer, half to
+// even, into the low mantissa bits; clamped in float to [0, 255] plus that constant, each lane's
+// low byte is the code, and one byte permutation gathers 32 of them. Only float additions and
+// comparisons besides the multiply, where vcvtps2dq and two narrowing moves per 16 values compete
+// with the SiLU for the shuffle unit. The same codes: for |t| < 2^22 the sum is exact up to the
+// rounding, and anything larger is clamped either way.
+#define DDPM_AVX512_VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi")))
+
+inline bool cpu_has_avx512_vbmi() {
+  static const bool has = isa_cap() >= 3 && cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi");
+  return has;
+}
+
+// v's codes, each in the low byte of its lane
+DDPM_AVX512_VBMI inline __m512i quantize16_low_bytes(__m512 v, const Quant& q) {
+  constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+  // the product rounded on its own, as quantize16_epi32's: the explicit rounding keeps the compiler
+  // from fusing the multiply and the add into one FMA (-ffp-contract), which rounds once
+  const __m512 scaled = _mm512_mul_round_ps(v, _mm512_set1_ps(q.inv_scale), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 t = _mm512_add_ps(scaled, _mm512_set1_ps(kMagic + q.zero_point));
+  const __m512 clamped = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(kMagic)), _mm512_set1_ps(kMagic + 255.f));
+  return _mm512_castps_si512(clamped);  // max(NaN, kMagic) is kMagic: NaN becomes 0
+}
+
+DDPM_AVX512_VBMI inline void store16_vbmi(uint8_t* p, __m512 v, __mmask16 m, const Quant& q) {
+  _mm512_mask_cvtepi32_storeu_epi8(p, m, quantize16_low_bytes(v, q));
+}
+
+// 32 codes: lanes of a then of b (interleave false), or a's and b's alternately (true: the even-
+// and odd-indexed values of load32_pair's bf16 order).
+template <bool Interleave>
+DDPM_AVX512_VBMI inline void store32_vbmi(uint8_t* p, __m512 a, __m512 b, const Quant& q) {
+  alignas(64) static constexpr auto kIndex = [] {
+    struct { uint8_t v[64]; } index{};
+    for (int j = 0; j < 32; ++j)
+      index.v[j] = Interleave ? uint8_t((j % 2) * 64 + (j / 2) * 4) : uint8_t((j / 16) * 64 + (j % 16) * 4);
+    return index;
+  }();
+  const __m512i codes = _mm512_permutex2var_epi8(quantize16_low_bytes(a, q), _mm512_load_si512(kIndex.v),
+                                                 quantize16_low_bytes(b, q));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(codes));
+}
+
 }  // namespace ddpm_perf::cpu

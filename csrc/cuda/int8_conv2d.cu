@@ -339,7 +339,7 @@ void check_per_channel(const at::Tensor& t, const at::Tensor& x, int64_t O, cons
 at::Tensor int8_conv2d_cuda(const at::Tensor& x, const at::Tensor& packed_weight, const at::Tensor& weight_colsum,
                             const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias, double x_scale,
                             int64_t x_zero_point, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                            at::IntArrayRef padding) {
+                            at::IntArrayRef padding, std::optional<at::ScalarType> out_dtype_arg) {
   TORCH_CHECK(x.is_cuda(), "ddpm_perf::int8_conv2d (CUDA): x must be a CUDA tensor, got ", x.device());
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kByte,
@@ -401,8 +401,10 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x, const at::Tensor& packed_weight
               ")");
 
   const c10::cuda::CUDAGuard device_guard(x.device());
-  // Output in x's dtype; float32 for a uint8 x.
-  const auto out_dtype = dtype == at::kByte ? at::kFloat : dtype;
+  // Output in out_dtype, by default x's dtype (float32 for a uint8 x).
+  const auto out_dtype = out_dtype_arg.value_or(dtype == at::kByte ? at::kFloat : dtype);
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+              "ddpm_perf::int8_conv2d (CUDA): out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
   at::Tensor y = at::empty({N, O, OH, OW}, x.options().dtype(out_dtype).memory_format(at::MemoryFormat::ChannelsLast));
   if (M == 0 || O == 0) return y;
 
@@ -457,11 +459,14 @@ at::Tensor int8_conv2d_cuda(const at::Tensor& x, const at::Tensor& packed_weight
         static_cast<int>(x_zero_point), shape, y.mutable_data_ptr<out_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (dtype == at::kByte) {
-    launch(uint8_t{}, float{});
-  } else {
-    DDPM_PERF_DISPATCH_FLOAT_HALF_BF16(dtype, "ddpm_perf::int8_conv2d (CUDA)", [&] { launch(scalar_t{}, scalar_t{}); });
-  }
+  DDPM_PERF_DISPATCH_FLOAT_HALF_BF16(out_dtype, "ddpm_perf::int8_conv2d (CUDA)", [&] {
+    using out_t = scalar_t;
+    if (dtype == at::kByte) {
+      launch(uint8_t{}, out_t{});
+    } else {
+      DDPM_PERF_DISPATCH_FLOAT_HALF_BF16(dtype, "ddpm_perf::int8_conv2d (CUDA)", [&] { launch(scalar_t{}, out_t{}); });
+    }
+  });
   return y;
 }
 

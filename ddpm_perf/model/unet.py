@@ -72,7 +72,14 @@ class NormAct(nn.GroupNorm):
     One module for the pattern the U-Net repeats (``silu(group_norm(x + shift))``), so a kernel
     plugin can swap it for a fused op by replacing modules; the parameters keep GroupNorm's
     names (``weight``, ``bias``), so checkpoints are unaffected.
+
+    A subclass whose kernel can write its output as uint8 codes sets ``writes_uint8``; a plugin
+    that runs the norm's consumers in int8 (the blocks' ``norm_consumers``) may then set
+    ``quantize_output`` to their input's (scale, zero_point), and the norm returns the codes.
     """
+
+    writes_uint8 = False
+    quantize_output: tuple[float, int] | None = None
 
     def __init__(self, num_groups: int, num_channels: int, eps: float, silu: bool):
         super().__init__(num_groups, num_channels, eps=eps)
@@ -89,6 +96,11 @@ class NormAct(nn.GroupNorm):
 
 
 class ResBlock(nn.Module):
+    # Each norm's output goes to these layers alone (norm2's through dropout, the identity in eval
+    # mode), so it may hand them quantised codes (NormAct.writes_uint8). A subclass that routes a
+    # norm's output anywhere else must say so here.
+    norm_consumers = {"norm1": ("conv1",), "norm2": ("conv2",)}
+
     def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, groups: int, eps: float):
         super().__init__()
         self.norm1 = NormAct(groups, in_ch, eps, silu=True)
@@ -110,6 +122,8 @@ class ResBlock(nn.Module):
 
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions, with a residual connection."""
+
+    norm_consumers = {"norm": ("q", "k", "v")}  # the normalised tokens go to the projections alone
 
     def __init__(self, ch: int, groups: int, eps: float):
         super().__init__()
@@ -148,6 +162,8 @@ class Upsample(nn.Module):
 
 
 class UNet(nn.Module):
+    norm_consumers = {"norm_out": ("conv_out",)}  # as ResBlock's
+
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config

@@ -2,7 +2,8 @@
 
 x is float (quantised inside the op with the static ``x_scale``, ``x_zero_point``; the output has
 x's dtype) or uint8, already quantised with them (the output is float32): what a producer that
-writes quantised activations, or ``torch.Tensor.int_repr`` of a quint8 tensor, hands over.
+writes quantised activations (``group_norm_silu_quantized``), or ``torch.Tensor.int_repr`` of a
+quint8 tensor, hands over. ``out_dtype`` chooses another output dtype.
 
 The weight (int8, symmetric per output channel, see :func:`reference.quantize_weight`) is packed
 once with :func:`int8_pack_weight` into the layout of the backend that runs it: on the CPU, VNNI
@@ -38,12 +39,13 @@ def _register() -> None:
         return weight.new_empty((packed_numel(weight.shape, weight.device),), dtype=torch.int8)
 
     @torch.library.register_fake("ddpm_perf::int8_conv2d")
-    def _(x, packed_weight, weight_colsum, weight_scale, bias, x_scale, x_zero_point, kernel_size, stride, padding):
+    def _(x, packed_weight, weight_colsum, weight_scale, bias, x_scale, x_zero_point, kernel_size, stride, padding,
+          out_dtype=None):
         torch._check(x.dim() == 4, lambda: "int8_conv2d: x must be (N, C, H, W)")
         n, _, h, w = x.shape
         out = (n, weight_scale.shape[0], _out_size(h, kernel_size[0], stride[0], padding[0]),
                _out_size(w, kernel_size[1], stride[1], padding[1]))
-        return x.new_empty(out, dtype=reference.int8_conv2d_out_dtype(x.dtype)).contiguous(
+        return x.new_empty(out, dtype=reference.int8_conv2d_out_dtype(x.dtype, out_dtype)).contiguous(
             memory_format=torch.channels_last)
 
 
@@ -72,9 +74,10 @@ def int8_pack_weight(weight: Tensor) -> Tensor:
 
 def int8_conv2d(x: Tensor, packed_weight: Tensor, weight_colsum: Tensor, weight_scale: Tensor, bias: Tensor | None,
                 x_scale: float, x_zero_point: int, kernel_size: tuple[int, int], stride: tuple[int, int],
-                padding: tuple[int, int]) -> Tensor:
+                padding: tuple[int, int], out_dtype: torch.dtype | None = None) -> Tensor:
     """The quantised convolution; ``packed_weight`` from :func:`int8_pack_weight` on the same device."""
     if _backend(x.device.type).startswith("reference"):
-        return reference.int8_conv2d(x, packed_weight, weight_scale, bias, x_scale, x_zero_point, stride, padding)
+        return reference.int8_conv2d(x, packed_weight, weight_scale, bias, x_scale, x_zero_point, stride, padding,
+                                     out_dtype)
     return torch.ops.ddpm_perf.int8_conv2d(x, packed_weight, weight_colsum, weight_scale, bias, x_scale,
-                                           x_zero_point, list(kernel_size), list(stride), list(padding))
+                                           x_zero_point, list(kernel_size), list(stride), list(padding), out_dtype)

@@ -64,24 +64,27 @@ def quantize_activation(x: Tensor, scale: float, zero_point: int) -> Tensor:
     return (torch.round(x.float() * (1.0 / scale)) + zero_point).clamp(0, 255).to(torch.uint8)
 
 
-def int8_conv2d_out_dtype(x_dtype: torch.dtype) -> torch.dtype:
-    """int8_conv2d's output dtype: x's, or float32 for a uint8 (already quantised) x."""
+def int8_conv2d_out_dtype(x_dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> torch.dtype:
+    """int8_conv2d's output dtype: ``out_dtype`` if given, else x's (float32 for a uint8 x)."""
+    if out_dtype is not None:
+        return out_dtype
     return torch.float32 if x_dtype == torch.uint8 else x_dtype
 
 
 def int8_conv2d(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, x_scale: float,
-                x_zero_point: int, stride: tuple[int, int], padding: tuple[int, int]) -> Tensor:
+                x_zero_point: int, stride: tuple[int, int], padding: tuple[int, int],
+                out_dtype: torch.dtype | None = None) -> Tensor:
     """The int8 convolution: x quantised to uint8 with (x_scale, x_zero_point) (a uint8 x already
     is), int8 OIHW ``weight`` with per-output-channel ``weight_scale``, products summed exactly,
     dequantised, plus bias. Padding contributes zeros (the zero point). Output channels_last, in
-    x's dtype (float32 for a uint8 x)."""
+    ``out_dtype``, by default x's dtype (float32 for a uint8 x)."""
     q = x if x.dtype == torch.uint8 else quantize_activation(x, x_scale, x_zero_point)
     xq = q.float() - x_zero_point  # exact integers
     acc = F.conv2d(xq.double(), weight.double(), None, stride, padding)  # exact in fp64
     y = acc * (x_scale * weight_scale.double()).reshape(1, -1, 1, 1)
     if bias is not None:
         y = y + bias.double().reshape(1, -1, 1, 1)
-    return y.to(int8_conv2d_out_dtype(x.dtype)).contiguous(memory_format=torch.channels_last)
+    return y.to(int8_conv2d_out_dtype(x.dtype, out_dtype)).contiguous(memory_format=torch.channels_last)
 
 
 # Philox4x32 constants (Salmon et al. 2011; the same as cuRAND's and Triton's).
