@@ -12,6 +12,9 @@ and for compile the compilation seconds (the first calls, before the timed round
 
 The spec ``""`` (eager against eager) is the noise floor of the run: its speedup should be 1.
 
+``test_norm_codes``: ``fused_norm,int8`` (and with fused_attention) against the same stack whose
+norms write float instead of uint8 codes for their int8 layers, interleaved.
+
 ``test_norms_in_step``: the GroupNorm(+shift)(+SiLU) calls of the same forward, timed where the
 model makes them (forward hooks on every ``NormAct``), with ``fused_norm`` and ``fused_norm,int8``
 against eager fp32: the norms' summed time per forward and each call site's median per call.
@@ -135,6 +138,52 @@ def test_forward(benchmark, bench, checkpoint, timing, inputs, eager, spec):
         + (f", compiled in {info['compile_seconds']:.1f} s" if "compile" in spec else ""))
     if not spec:  # eager against eager: the same network, the same numbers
         torch.testing.assert_close(eps, eager_eps, rtol=0, atol=0)
+
+
+# -- norms handing their int8 consumers uint8 codes -------------------------------------------------
+
+# fp32 activations only: under amp the norms keep their bf16 output (plugins/fused_norm.py)
+CODES_SPECS = ("fused_norm,int8", "fused_norm,fused_attention,int8")
+
+
+@pytest.mark.parametrize("spec", spec_params(CODES_SPECS))
+def test_norm_codes(benchmark, bench, checkpoint, timing, inputs, eager, spec):
+    """``spec`` (its norms write uint8 codes for their int8 consumers, the int8 plugin's default
+    with fused_norm) against the same stack with float norms, ``int8(norm_codes=false)``,
+    interleaved: ``speedup_vs_float_norms`` (median of the pair ratios, with quartiles), and the
+    eps deviation from eager fp32 of both (``rel_dev``; ``float_norms_rel_dev``)."""
+    x, t = inputs
+    _, eager_eps = eager
+    codes = make_engine(checkpoint, bench, spec)
+    floats = make_engine(checkpoint, bench, spec.replace("int8", "int8(norm_codes=false)"))
+    assert any("uint8 codes" in line for line in codes.ctx.report)
+    assert not any("uint8 codes" in line for line in floats.ctx.report)
+
+    def step(engine):
+        def call():
+            with torch.inference_mode():
+                return engine.denoise(x, t, StepPlan())
+        return call
+
+    r = timing.interleaved(benchmark, step(codes), step(floats))
+    ratio = timing.ratios(r.target, r.baseline)
+    float_dev = timing.deviation(r.baseline_result, eager_eps, "eps")
+    info = benchmark.extra_info
+    info.update(
+        compared="norms writing codes vs float norms", stack=spec, t=500, steps=1,
+        seconds_per_step=statistics.median(r.target), float_norms_seconds_per_step=statistics.median(r.baseline),
+        speedup_vs_float_norms=1 / ratio["paired"],
+        speedup_vs_float_norms_iqr=[1 / ratio["paired_q3"], 1 / ratio["paired_q1"]], pairs=len(r.target),
+        target_seconds=r.target, float_norms_seconds=r.baseline, **timing.deviation(r.target_result, eager_eps, "eps"),
+        float_norms_rel_dev=float_dev["rel_dev"], float_norms_max_abs_dev=float_dev["max_abs_dev"],
+        plugin_report=list(codes.ctx.report),
+    )
+    timing.headline(
+        f"norm codes {spec:34s} ({bench.config_name}, batch {bench.batch}): {info['speedup_vs_float_norms']:.3f}x "
+        f"float norms (quartiles {info['speedup_vs_float_norms_iqr'][0]:.3f} .. "
+        f"{info['speedup_vs_float_norms_iqr'][1]:.3f}, {info['pairs']} pairs), {info['seconds_per_step'] * 1e3:.1f} ms; "
+        f"eps rel dev {info['rel_dev']:.2e} (float norms {info['float_norms_rel_dev']:.2e})")
+    assert info["rel_dev"] < 2 * info["float_norms_rel_dev"] + 1e-3
 
 
 # -- the norms where the model calls them --------------------------------------------------------

@@ -58,17 +58,10 @@ class Int8Conv2d(nn.Module):
         return F.conv2d(x, self.float_weight.to(x.dtype), bias, self.stride, self.padding)
 
     def _int8(self, x: Tensor) -> Tensor:
+        # x float, or uint8 codes from a norm (NormAct.quantize_output) whose input was fp32: the
+        # output is then fp32 too, as it would have been from the norm's float output
         return ops.int8_conv2d(x, self.packed_weight, self.weight_colsum, self.weight_scale, self.float_bias,
-                               self.x_scale, self.x_zero_point, self.kernel_size, self.stride, self.padding,
-                               self._out_dtype(x))
-
-    @staticmethod
-    def _out_dtype(x: Tensor) -> torch.dtype | None:
-        """For codes from a norm (NormAct.quantize_output), the dtype the float input would have had:
-        autocast's where it is on (amp), else float32. A float x sets the output's dtype itself."""
-        if x.dtype == torch.uint8 and torch.is_autocast_enabled(x.device.type):
-            return torch.get_autocast_dtype(x.device.type)
-        return None
+                               self.x_scale, self.x_zero_point, self.kernel_size, self.stride, self.padding)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.x_scale is None:
@@ -242,7 +235,7 @@ class Int8(Plugin):
         if self.opts.norm_codes:
             paired = self._pair_norms(enable=True)
             if paired:
-                ctx.report.append(f"int8: {paired} norms hand their consumers uint8 codes")
+                ctx.report.append(f"int8: {paired} norms hand their consumers uint8 codes (for fp32 activations)")
 
     def _pair_norms(self, enable: bool) -> int:
         """Have each norm that can write uint8 (NormAct.writes_uint8) quantise its output for its

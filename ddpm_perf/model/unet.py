@@ -75,7 +75,9 @@ class NormAct(nn.GroupNorm):
 
     A subclass whose kernel can write its output as uint8 codes sets ``writes_uint8``; a plugin
     that runs the norm's consumers in int8 (the blocks' ``norm_consumers``) may then set
-    ``quantize_output`` to their input's (scale, zero_point), and the norm returns the codes.
+    ``quantize_output`` to their input's (scale, zero_point), and the norm may return the codes
+    instead of its float output (for an fp32 input only: the consumers then return fp32, as
+    they would have from the float output). The consumers must take either.
     """
 
     writes_uint8 = False

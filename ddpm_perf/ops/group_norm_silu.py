@@ -62,8 +62,12 @@ def backend(device: torch.device) -> str:
     return kernel_backend(OP, device)
 
 
+def quantized_backend(device: torch.device) -> str:
+    return kernel_backend(f"{OP}_quantized", device)
+
+
 _backend = per_device_type(backend)
-_quantized_backend = per_device_type(lambda device: kernel_backend(f"{OP}_quantized", device))
+_quantized_backend = per_device_type(quantized_backend)
 
 
 def group_norm_silu(x: Tensor, weight: Tensor | None, bias: Tensor | None, groups: int, eps: float = 1e-5,
