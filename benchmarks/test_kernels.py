@@ -56,6 +56,11 @@ multiply-add counts 2), ratios (``speedup_vs_<variant>`` for ``int8``; ``int8_q_
 and their ratios. ``summed_from_per_shape`` re-adds the per-shape medians (when those ran in the
 same session) as a cross-check.
 
+``test_norm_conv_codes``: a ResBlock's norm and the 3x3 conv it feeds (fp32 channels_last, batch
+8, the model's ResBlock shapes): ``group_norm_silu_quantized`` writing uint8 codes and the conv
+reading them, against ``group_norm_silu`` writing fp32 and the conv quantising it
+(``speedup_vs_float_norm``); the two norms alone (``norm_codes_speedup_vs_float_norm``).
+
 Rounds: the per-case benchmarks time twice conftest's rounds (DDPM_PERF_BENCH_ROUNDS, default 9)
 pairs, the model total conftest's rounds.
 
@@ -646,6 +651,69 @@ def test_int8_conv2d_model(benchmark, bench, timing, conv_cases):
         f"ao float {total['ao_float'] * 1e3:.1f} ms ({info['speedup_vs_ao_float']:.2f}x); uint8 in "
         f"{total['int8_q'] * 1e3:.1f} ms ({info['int8_q_speedup_vs_ao_q']:.2f}x ao q); worst rel err "
         f"{info['rel_dev']:.1e}")
+
+
+# -- a norm handing its conv uint8 codes -----------------------------------------------------------
+
+# (channels, side) of a ResBlock norm of the model at batch 8 -> the 3x3 conv it feeds (out channels)
+CODES_PAIRS = [((128, 32), 128), ((256, 32), 128), ((384, 32), 128), ((256, 16), 256), ((512, 16), 256),
+               ((256, 8), 256), ((512, 4), 256)]
+
+
+@pytest.mark.parametrize("pair", [pytest.param(p, id=f"{p[0][0]}x{p[0][1]}-{p[1]}o") for p in CODES_PAIRS])
+def test_norm_conv_codes(benchmark, bench, timing, pair):
+    """group_norm_silu then a 3x3 int8_conv2d, fp32 channels_last, as a ResBlock runs them: the norm
+    writing uint8 codes (``group_norm_silu_quantized``, the conv reading them) against the norm
+    writing fp32 (the conv quantising it), interleaved. ``speedup_vs_float_norm``; the norms alone
+    (``norm_codes_speedup_vs_float_norm``); the conv's outputs must agree to the codes' rounding."""
+    (c, side), o = pair
+    n, side = (1, min(side, 6)) if bench.smoke else (8, side)
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(n, c, side, side, generator=gen) * 1.5 + 0.3).contiguous(memory_format=torch.channels_last)
+    weight, bias = 1 + 0.2 * torch.randn(c, generator=gen), 0.2 * torch.randn(c, generator=gen)
+    w_float = torch.randn(o, c, 3, 3, generator=gen)
+    w_int8, w_scale = reference.quantize_weight(w_float)
+    packed, colsum = torch.ops.ddpm_perf.int8_pack_weight(w_int8), w_int8.flatten(1).sum(1, dtype=torch.int32)
+    y = torch.ops.ddpm_perf.group_norm_silu(x, weight, bias, None, GROUPS, EPS, True)[0]
+    lo, hi = min(y.min().item(), 0.0), max(y.max().item(), 0.0)
+    x_scale = (hi - lo) / 255
+    x_zp = round(-lo / x_scale)
+
+    def conv(v):
+        return torch.ops.ddpm_perf.int8_conv2d(v, packed, colsum, w_scale, None, x_scale, x_zp, [3, 3], [1, 1], [1, 1])
+
+    def norm_float():
+        return torch.ops.ddpm_perf.group_norm_silu(x, weight, bias, None, GROUPS, EPS, True)[0]
+
+    def norm_codes():
+        return torch.ops.ddpm_perf.group_norm_silu_quantized(x, weight, bias, None, GROUPS, EPS, True, x_scale, x_zp)
+
+    calls = 1 if bench.smoke else 4
+    baselines = Baselines({"float": (lambda: conv(norm_float()), calls), "norm_float": (norm_float, calls),
+                           "norm_codes": (norm_codes, calls)})
+    with torch.inference_mode():
+        codes_out, float_out = conv(norm_codes()), conv(norm_float())
+        r = timing.interleaved(benchmark, repeat(lambda: conv(norm_codes()), calls), baselines,
+                               rounds=timing.rounds * SHORT_ROUNDS_FACTOR, warm=lambda: conv(norm_codes()))
+    base = baselines.last(len(r.target))
+    dev = timing.deviation(codes_out, float_out, "conv output, norm codes vs float norm")
+    int8_dev = timing.deviation(float_out, F.conv2d(y, w_float, None, 1, 1), "")
+    info = benchmark.extra_info
+    fill_info(info, bench, plugins="op:group_norm_silu_quantized+int8_conv2d", op="norm then conv", batch=n,
+              shape=[n, c, side, side], out_channels=o, dtype="float32", memory_format="channels_last",
+              calls_per_sample=calls, seconds_per_step=statistics.median(r.target) / calls,
+              float_seconds_per_call=statistics.median(base["float"]) / calls,
+              flops_per_image=0, gflop_per_s=None, **ratio(timing, r.target, base["float"], "float_norm"),
+              **{f"norm_codes_{k}": v for k, v in ratio(timing, base["norm_codes"], base["norm_float"],
+                                                        "float_norm").items()},
+              target_seconds=r.target, baseline_seconds=base, **dev, int8_rel_dev=int8_dev["rel_dev"])
+    timing.headline(
+        f"norm codes -> conv {c}x{side}x{side}->{o}: {info['speedup_vs_float_norm']:.3f}x float norm "
+        f"(quartiles {info['speedup_vs_float_norm_iqr'][0]:.3f} .. {info['speedup_vs_float_norm_iqr'][1]:.3f}); "
+        f"norm alone {info['norm_codes_speedup_vs_float_norm']:.3f}x; conv output rel dev {dev['rel_dev']:.1e}")
+    # the codes differ from the conv's own by one at rounding boundaries only (the norm's SiLU): a
+    # small part of what int8 itself moves the output from the fp32 conv (int8_rel_dev)
+    assert dev["rel_dev"] < 0.25 * int8_dev["rel_dev"], (dev, int8_dev)
 
 
 # -- dropout -------------------------------------------------------------------------------------

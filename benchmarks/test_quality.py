@@ -33,8 +33,8 @@ from ddpm_perf.plugins import PluginHost
 
 from conftest import quality_checkpoint_path
 
-SPECS = ("", "amp", "amp(keep_float=none)", "channels_last,amp", "channels_last,amp(weights=true)", "fused_norm", "int8", "fused_norm,fused_attention,int8",
-         "fused_norm,int8,amp(weights=true)")
+SPECS = ("", "amp", "amp(keep_float=none)", "channels_last,amp", "channels_last,amp(weights=true)", "fused_norm", "int8",
+         "fused_norm,int8", "fused_norm,fused_attention,int8", "fused_norm,int8,amp(weights=true)")
 IMAGES, STEPS = 256, 50
 SMOKE_IMAGES, SMOKE_STEPS = 64, 5
 SEED = 0
