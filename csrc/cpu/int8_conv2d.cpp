@@ -10,8 +10,8 @@
 //    NB 64-byte weight vectors (16 outputs x 4 channels, packed once by int8_pack_weight) and,
 //    per pixel, broadcasts 4 activation bytes into NB vpdpbusd.
 // 4. The epilogue subtracts zero_point * colsum, scales by x_scale * w_scale[o], adds the bias and
-//    stores fp32 or bf16 channels_last (x's dtype; fp32 for a uint8 x). AVX2 (exact int16
-//    vpmaddwd) and portable C++ paths cover CPUs without AVX-512 VNNI.
+//    stores fp32 or bf16 channels_last (out_dtype; by default x's, fp32 for a uint8 x). AVX2 (exact
+//    int16 vpmaddwd) and portable C++ paths cover CPUs without AVX-512 VNNI.
 // Where the CPU has AMX-INT8, stride-1 convs with channels in multiples of 64 and outputs in
 // multiples of 16 (all but the first, last and downsampling convs of the U-Net) take tile
 // matrix multiplies instead (conv_impl_amx, below), with the same packed weights and epilogue.

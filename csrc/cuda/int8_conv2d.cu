@@ -17,8 +17,8 @@
 //      tiles, 8 words (32 input channels) of K per step, staged in shared memory; each of the 256
 //      threads owns a 4 x 4 block of outputs and accumulates in int32 with dp4a.
 //   3. epilogue (fp64, exact as the reference): (acc - zero_point * weight_colsum[o])
-//      * (x_scale * weight_scale[o]) + bias[o], written in x's dtype to an (N, O, OH, OW) tensor
-//      in channels_last memory format.
+//      * (x_scale * weight_scale[o]) + bias[o], written in out_dtype (by default x's dtype, float32
+//      for a uint8 x) to an (N, O, OH, OW) tensor in channels_last memory format.
 // The int32 accumulator cannot overflow: the host checks C * KH * KW * 255 * 128 < 2^31.
 //
 // Headers: torch/all.h and the c10 CUDA headers, not torch/extension.h (pytorch/extension-cpp#112)
