@@ -155,7 +155,8 @@ class _SlimOtherNorm(SlimNormAct):
             return self._norm_forward(self, x, shift)
         sliced = SimpleNamespace(weight=slice_segments(self.weight, 0, self.slim_in, width),
                                  bias=slice_segments(self.bias, 0, self.slim_in, width),
-                                 num_groups=active(self.num_groups, width), eps=self.eps, silu=self.silu)
+                                 num_groups=active(self.num_groups, width), eps=self.eps, silu=self.silu,
+                                 quantize_output=self.quantize_output)
         return self._norm_forward(sliced, x, shift)
 
 
