@@ -10,7 +10,8 @@
 // CPU has it (checked at run time), with AVX512_BF16 conversions for bf16 output where it has
 // those, portable C++ otherwise. bf16 comes in 32 values at a time as their even- and odd-indexed
 // halves (load32_pair, simd.h), so channels_last blocks of 32 channels keep their per-channel
-// values in that pair order (to_pair_order).
+// values in that pair order (to_pair_order). group_norm_silu_quantized runs the same forward and
+// stores uint8 codes for an int8 consumer (quantize.h; AVX512_VBMI where the CPU has it).
 // Backward: per (sample, group) for NCHW, per (sample, block of groups) for channels_last: dz and
 // its per-channel sums in one pass (dz kept in an fp32 scratch), dx in a second; AVX-512 where the
 // CPU has it, portable C++ otherwise.
@@ -421,8 +422,8 @@ DDPM_AVX512_VBMI inline void out32_pair_vbmi(uint8_t* p, __m512 a, __m512 b, con
 }
 
 // The AVX-512 output loops, stamped once per store flavour: a function's target attribute cannot
-// depend on a template parameter, and the AVX512_BF16 stores only inline into functions whose
-// target includes avx512bf16.
+// depend on a template parameter, and the AVX512_BF16 (AVX512_VBMI) stores only inline into
+// functions whose target includes avx512bf16 (avx512vbmi).
 #define GN_OUTPUT_KERNELS(TARGET, SUFFIX, OUT16, OUT32, OUT32_PAIR)                                            \
   /* 32 contiguous values of a row with its parameters vc, vs, vo */                                           \
   template <typename T, typename Y, bool Act>                                                                  \
