@@ -472,10 +472,31 @@ Geometry check_geometry(const at::Tensor& x, int64_t groups) {
   return geo;
 }
 
-// One forward launch: y in x's dtype, or uint8 (quantised with quant) when y is a Byte tensor.
-void launch_forward(const at::Tensor& xc, const at::Tensor& w, const at::Tensor& b, const at::Tensor& sh,
-                    at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, const Geometry& geo, double eps, bool silu,
-                    OutputQuant quant) {
+// The forward of both ops: y in x's dtype, or uint8 codes quantised with `quant` when `codes`.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu, bool codes, OutputQuant quant) {
+  check_float_input(x, "x");
+  const Geometry geo = check_geometry(x, groups);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+
+  const at::Tensor w = channel_param(weight, x, geo.C, "weight");
+  const at::Tensor b = channel_param(bias, x, geo.C, "bias");
+  const at::Tensor sh = channel_param(shift, x, geo.N * geo.C, "shift");
+
+  const at::Tensor xc = x.contiguous(geo.memory_format);
+  // same (dense) strides as xc: x's memory format
+  at::Tensor y = codes ? at::empty_like(xc, xc.options().dtype(at::kByte)) : at::empty_like(xc);
+  const auto stat_options = x.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({geo.N, geo.groups}, stat_options);
+  at::Tensor rstd = at::empty({geo.N, geo.groups}, stat_options);
+  if (xc.numel() == 0) {
+    // Statistics of empty groups are NaN, as torch.var_mean of an empty tensor.
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {y, mean, rstd};
+  }
+
   const int blocks = static_cast<int>(geo.N * geo.groups);
   cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   DDPM_PERF_DISPATCH_FLOAT_HALF_BF16(xc.scalar_type(), "ddpm_perf::group_norm_silu (CUDA)", [&] {
@@ -488,39 +509,19 @@ void launch_forward(const at::Tensor& xc, const at::Tensor& w, const at::Tensor&
           mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), static_cast<int>(geo.C),
           static_cast<int>(geo.HW), static_cast<int>(geo.groups), static_cast<float>(eps), silu, quant);
     };
-    if (y.scalar_type() == at::kByte)
+    if (codes)
       launch(y.mutable_data_ptr<uint8_t>());
     else
       launch(y.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  return {y, mean, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu) {
-  check_float_input(x, "x");
-  const Geometry geo = check_geometry(x, groups);
-  const c10::cuda::CUDAGuard device_guard(x.device());
-
-  const at::Tensor w = channel_param(weight, x, geo.C, "weight");
-  const at::Tensor b = channel_param(bias, x, geo.C, "bias");
-  const at::Tensor sh = channel_param(shift, x, geo.N * geo.C, "shift");
-
-  const at::Tensor xc = x.contiguous(geo.memory_format);
-  at::Tensor y = at::empty_like(xc);  // same (dense) strides as xc: x's memory format
-  const auto stat_options = x.options().dtype(at::kFloat);
-  at::Tensor mean = at::empty({geo.N, geo.groups}, stat_options);
-  at::Tensor rstd = at::empty({geo.N, geo.groups}, stat_options);
-  if (xc.numel() == 0) {
-    // Statistics of empty groups are NaN, as torch.var_mean of an empty tensor.
-    mean.fill_(std::numeric_limits<float>::quiet_NaN());
-    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
-    return {y, mean, rstd};
-  }
-
-  launch_forward(xc, w, b, sh, y, mean, rstd, geo, eps, silu, OutputQuant{1.f, 0.f});
-  return {y, mean, rstd};
+  return forward_cuda(x, weight, bias, shift, groups, eps, silu, false, OutputQuant{1.f, 0.f});
 }
 
 // y quantised to uint8 (clamp(round(y / scale) + zero_point, 0, 255)) for an int8 consumer; the
@@ -529,25 +530,13 @@ at::Tensor group_norm_silu_quantized_cuda(const at::Tensor& x, const std::option
                                           const std::optional<at::Tensor>& bias,
                                           const std::optional<at::Tensor>& shift, int64_t groups, double eps,
                                           bool silu, double scale, int64_t zero_point) {
-  check_float_input(x, "x");
-  const Geometry geo = check_geometry(x, groups);
   TORCH_CHECK(std::isfinite(scale) && scale > 0,
               "ddpm_perf::group_norm_silu_quantized (CUDA): scale must be positive and finite, got ", scale);
   TORCH_CHECK(zero_point >= 0 && zero_point <= 255,
               "ddpm_perf::group_norm_silu_quantized (CUDA): zero_point must be in [0, 255], got ", zero_point);
   TORCH_CHECK(x.numel() > 0, "ddpm_perf::group_norm_silu_quantized (CUDA): empty input");
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  const at::Tensor w = channel_param(weight, x, geo.C, "weight");
-  const at::Tensor b = channel_param(bias, x, geo.C, "bias");
-  const at::Tensor sh = channel_param(shift, x, geo.N * geo.C, "shift");
-  const at::Tensor xc = x.contiguous(geo.memory_format);
-  at::Tensor y = at::empty_like(xc, xc.options().dtype(at::kByte));
-  const auto stat_options = x.options().dtype(at::kFloat);
-  at::Tensor mean = at::empty({geo.N, geo.groups}, stat_options);
-  at::Tensor rstd = at::empty({geo.N, geo.groups}, stat_options);
-  launch_forward(xc, w, b, sh, y, mean, rstd, geo, eps, silu,
-                 OutputQuant{static_cast<float>(1.0 / scale), static_cast<float>(zero_point)});
-  return y;
+  const OutputQuant quant{static_cast<float>(1.0 / scale), static_cast<float>(zero_point)};
+  return std::get<0>(forward_cuda(x, weight, bias, shift, groups, eps, silu, true, quant));
 }
 
 // Returns (grad_x in x's dtype and memory format, grad_weight, grad_bias). grad_weight (grad_bias)
