@@ -114,6 +114,24 @@ def test_channels_last_slices_shared_out_in_parts(dtype, shape):
     assert_same_at_1_2_3_threads(x, weight, bias, s, 8)
 
 
+@pytest.mark.parametrize("shape", [(8, 256, 32, 32), (8, 512, 28, 28), (9, 200, 48, 48)])
+@pytest.mark.parametrize("silu", [False, True])
+def test_streamed_outputs_are_the_cached_ones(shape, silu):
+    """fp32 NCHW outputs of 8 MiB or more are written with non-temporal stores (kStreamBytes).
+    One sample alone (1-2.5 MiB) takes the ordinary stores, so each sample of the whole batch must
+    equal it bit for bit. (8, 256, 32, 32) runs the loop that also sums the next slice; 28x28 rows
+    end in 16 values, a masked ordinary store; (9, 200, 48, 48) has groups of 25 channels."""
+    groups = 8
+    x, weight, bias, s = make(*shape, groups, torch.float32, channels_last=False, offset=1.0)
+    assert x.nbytes >= 8 << 20
+    y = kernel(x, weight, bias, s, groups, silu)[0]
+    for i in (0, shape[0] // 2, shape[0] - 1):
+        alone = kernel(x[i:i + 1], weight, bias, s[i:i + 1], groups, silu)[0]
+        assert torch.equal(y[i:i + 1], alone), i
+    torch.testing.assert_close(y, reference.group_norm_silu(x, weight, bias, s, groups, 1e-5, silu)[0],
+                               **TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_groups_of_equal_values_give_exactly_the_bias(dtype, channels_last):

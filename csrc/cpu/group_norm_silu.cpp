@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <memory>
 #include <thread>
 #include <type_traits>
@@ -411,6 +412,17 @@ DDPM_AVX512_BF16 inline void out32_pair_bf16(uint16_t* p, __m512 even, __m512 od
   store32_pair_bf16(p, even, odd);
 }
 
+// ... or fp32 by non-temporal stores (64-byte aligned p), for outputs too large to stay in cache
+// (kStreamBytes): no read for ownership of each line before it is written.
+DDPM_AVX512 inline void out32_stream(float* p, __m512 lo, __m512 hi, const Quant&) {
+  _mm512_stream_ps(p, lo), _mm512_stream_ps(p + 16, hi);
+}
+template <typename T>
+DDPM_AVX512 inline void out32_pair_stream(float* p, __m512 a, __m512 b, const Quant& q) {
+  static_assert(std::is_same_v<T, float>, "streamed stores take fp32 input's plain order");
+  out32_stream(p, a, b, q);
+}
+
 // ... or uint8 by float rounding and one byte permutation (AVX512_VBMI, quantize.h).
 DDPM_AVX512_VBMI inline void out16_vbmi(uint8_t* p, __m512 v, __mmask16 m, const Quant& q) { store16_vbmi(p, v, m, q); }
 DDPM_AVX512_VBMI inline void out32_vbmi(uint8_t* p, __m512 lo, __m512 hi, const Quant& q) {
@@ -522,6 +534,7 @@ DDPM_AVX512_VBMI inline void out32_pair_vbmi(uint8_t* p, __m512 a, __m512 b, con
 GN_OUTPUT_KERNELS(DDPM_AVX512, avx512, out16, out32, out32_pair)
 GN_OUTPUT_KERNELS(DDPM_AVX512_BF16, avx512bf16, out16_bf16, out32_bf16, out32_pair_bf16)
 GN_OUTPUT_KERNELS(DDPM_AVX512_VBMI, avx512vbmi, out16_vbmi, out32_vbmi, out32_pair_vbmi)
+GN_OUTPUT_KERNELS(DDPM_AVX512, avx512_stream, out16, out32_stream, out32_pair_stream)
 #undef GN_OUTPUT_KERNELS
 
 template <typename T, typename Y>
@@ -558,6 +571,22 @@ OutputKernels<T, Y> output_kernels(Isa isa) {
     return {rows_out_avx512<T, Y, Act>, rows_out_sums_avx512<T, Y, Act>, pixels_out_avx512<T, Y, Act>,
             pixels_out_avx512<T, Y, Act, true>};
   return {rows_out_scalar<T, Y, Act>, nullptr, pixels_out_scalar<T, Y, Act>, pixels_out_scalar<T, Y, Act>};
+}
+
+// fp32 NCHW outputs of at least this many bytes are written with non-temporal stores. Input and
+// output then fill at least half of a 32 MiB L3, so the output leaves the cache before anyone reads
+// it, and an ordinary store first reads each line it writes. On the Zen 4, fp32 NCHW, two threads:
+// 8 MiB and 12 MiB outputs 1.11-1.25x faster warm, 1.21-1.40x cold, 1.02-1.12x with a consumer
+// that reads y at once; 4 MiB outputs 0.94-0.98x warm (docs/performance.md, session 27).
+// channels_last, whose output pass reads a slice from L3 again, gained nothing (0.64-1.05x).
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+// output_kernels<float, float, Act> with streamed stores in the row loops (NCHW). Every 32-value
+// store of a row is 64-byte aligned when y is and rows are whole multiples of 16 values.
+template <bool Act>
+OutputKernels<float, float> streaming_output_kernels() {
+  return {rows_out_avx512_stream<float, float, Act>, rows_out_sums_avx512_stream<float, float, Act>,
+          pixels_out_avx512<float, float, Act>, pixels_out_avx512<float, float, Act, true>};
 }
 
 // ---- op ----
@@ -615,9 +644,14 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
   const Isa isa = cpu_has_avx512_bf16() ? Isa::kAvx512Bf16 : cpu_has_avx512() ? Isa::kAvx512 : Isa::kScalar;
   const bool simd = isa != Isa::kScalar;
-  const OutputKernels<T, Y> out = act ? output_kernels<T, Y, true>(isa) : output_kernels<T, Y, false>(isa);
+  OutputKernels<T, Y> out = act ? output_kernels<T, Y, true>(isa) : output_kernels<T, Y, false>(isa);
 
   if (!is_channels_last(x)) {
+    bool stream = false;
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<Y, float>) {
+      stream = simd && y.nbytes() >= kStreamBytes && HW % 16 == 0 && reinterpret_cast<uintptr_t>(yp) % 64 == 0;
+      if (stream) out = act ? streaming_output_kernels<true>() : streaming_output_kernels<false>();
+    }
     // One task per (sample, group): its cpg * HW contiguous elements are read for the statistics,
     // then again (from L1/L2) for the output. Where the output loop can (AVX-512, rows of whole
     // 32-element vectors), it also sums a slice `lead` ahead in the thread's stream: the output
@@ -686,6 +720,7 @@ void forward_impl(const Tensor& x, Tensor& y, const Tensor& w, const Tensor& b, 
         if (lead == 1 && i + 1 < end) following = next_parameters(i);
         p = following;
       }
+      if (stream) _mm_sfence();  // streamed stores are weakly ordered: visible before the join
     });
     return;
   }
