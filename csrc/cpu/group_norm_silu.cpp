@@ -6,7 +6,8 @@
 // statistics). Statistics are fp32 lane sums of (x - pivot), combined in fp64
 // (the pivot, an element of the same group (NCHW) or channel (channels_last), keeps E[x^2] -
 // E[x]^2 from cancelling). A slice is read twice (statistics, then output), the second time from
-// cache; in NCHW the output loop also sums a slice ahead. AVX-512 where the
+// cache; in NCHW the output loop also sums a slice ahead, and fp32 outputs of 8 MiB or more are
+// written with non-temporal stores (kStreamBytes). AVX-512 where the
 // CPU has it (checked at run time), with AVX512_BF16 conversions for bf16 output where it has
 // those, portable C++ otherwise. bf16 comes in 32 values at a time as their even- and odd-indexed
 // halves (load32_pair, simd.h), so channels_last blocks of 32 channels keep their per-channel
