@@ -575,11 +575,11 @@ OutputKernels<T, Y> output_kernels(Isa isa) {
 }
 
 // fp32 NCHW outputs of at least this many bytes are written with non-temporal stores. Input and
-// output then fill at least half of a 32 MiB L3, so the output leaves the cache before anyone reads
-// it, and an ordinary store first reads each line it writes. On the Zen 4, fp32 NCHW, two threads:
-// 8 MiB and 12 MiB outputs 1.11-1.25x faster warm, 1.21-1.40x cold, 1.02-1.12x with a consumer
-// that reads y at once; 4 MiB outputs 0.94-0.98x warm (docs/performance.md, session 27).
-// channels_last, whose output pass reads a slice from L3 again, gained nothing (0.64-1.05x).
+// output then fill at least half of a 32 MiB L3, so little of the output would stay in cache for
+// its reader, while an ordinary store first reads each line it writes. On the Zen 4, fp32 NCHW,
+// two threads: 8 MiB and 12 MiB outputs 1.11-1.25x faster warm, 1.21-1.40x cold, 1.02-1.12x with
+// a consumer that reads y at once; 4 MiB outputs 0.94-0.98x warm (docs/performance.md, session
+// 27). channels_last, whose output pass reads a slice from L3 again, lost warm (0.64-1.05x).
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 // output_kernels<float, float, Act> with streamed stores in the row loops (NCHW). Every 32-value
