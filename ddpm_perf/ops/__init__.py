@@ -26,10 +26,5 @@ __all__ = ["backends", "extension_status", "load_extension", "group_norm_silu", 
 def backends(device: str = "cpu") -> dict[str, str]:
     """Which implementation each op uses on ``device`` here, with the reason."""
     # The op modules share their functions' names, so reach them through sys.modules.
-    modules = [sys.modules[f"{__name__}.{name}"] for name in ("group_norm_silu", "int8_conv2d", "attention", "dropout")]
-    found = {}
-    for module in modules:
-        found[module.OP] = module.backend(torch.device(device))
-        if module.OP == "group_norm_silu":
-            found["group_norm_silu_quantized"] = module.quantized_backend(torch.device(device))
-    return found
+    modules = (sys.modules[f"{__name__}.{name}"] for name in ("group_norm_silu", "int8_conv2d", "attention", "dropout"))
+    return {op: backend(torch.device(device)) for module in modules for op, backend in module.BACKENDS.items()}

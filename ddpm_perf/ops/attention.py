@@ -22,6 +22,9 @@ def backend(device: torch.device) -> str:
     return describe()
 
 
+BACKENDS = {OP: backend}  # for ops.backends()
+
+
 _backend = per_device_type(backend)
 
 

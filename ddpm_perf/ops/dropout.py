@@ -54,6 +54,9 @@ def backend(device: torch.device) -> str:
     return kernel_backend(OP, device)
 
 
+BACKENDS = {OP: backend}  # for ops.backends()
+
+
 _backend = per_device_type(backend)
 
 

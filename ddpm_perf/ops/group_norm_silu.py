@@ -66,6 +66,9 @@ def quantized_backend(device: torch.device) -> str:
     return kernel_backend(f"{OP}_quantized", device)
 
 
+BACKENDS = {OP: backend, f"{OP}_quantized": quantized_backend}  # for ops.backends()
+
+
 _backend = per_device_type(backend)
 _quantized_backend = per_device_type(quantized_backend)
 

@@ -62,6 +62,9 @@ def backend(device: torch.device) -> str:
     return f"reference ({reason})"
 
 
+BACKENDS = {OP: backend}  # for ops.backends()
+
+
 _backend = per_device_type(backend)
 
 
