@@ -27,4 +27,4 @@ def backends(device: str = "cpu") -> dict[str, str]:
     """Which implementation each op uses on ``device`` here, with the reason."""
     # The op modules share their functions' names, so reach them through sys.modules.
     modules = (sys.modules[f"{__name__}.{name}"] for name in ("group_norm_silu", "int8_conv2d", "attention", "dropout"))
-    return {op: backend(torch.device(device)) for module in modules for op, backend in module.BACKENDS.items()}
+    return {op: found for module in modules for op, found in module.backends(torch.device(device)).items()}

@@ -54,7 +54,8 @@ def backend(device: torch.device) -> str:
     return kernel_backend(OP, device)
 
 
-BACKENDS = {OP: backend}  # for ops.backends()
+def backends(device: torch.device) -> dict[str, str]:  # for ops.backends()
+    return {OP: backend(device)}
 
 
 _backend = per_device_type(backend)

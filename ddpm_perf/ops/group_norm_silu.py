@@ -66,7 +66,8 @@ def quantized_backend(device: torch.device) -> str:
     return kernel_backend(f"{OP}_quantized", device)
 
 
-BACKENDS = {OP: backend, f"{OP}_quantized": quantized_backend}  # for ops.backends()
+def backends(device: torch.device) -> dict[str, str]:  # for ops.backends()
+    return {OP: backend(device), f"{OP}_quantized": quantized_backend(device)}
 
 
 _backend = per_device_type(backend)
