@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "parallel.h"
 #include "simd.h"
 
 namespace ddpm_perf::cpu {
@@ -58,7 +59,7 @@ inline uint16_t apply(uint16_t x, uint32_t draw, const Params& q) {  // bf16 bit
 template <typename T>
 void dropout_scalar(const T* x, T* y, int64_t N, int64_t C, int64_t S, bool channels_last, const Params& q) {
   const int64_t C4 = (C + 3) / 4;
-  at::parallel_for(0, N * S, 256, [&](int64_t begin, int64_t end) {
+  parallel_for_caller_last(0, N * S, 256, [&](int64_t begin, int64_t end) {
     uint32_t w[4];
     for (int64_t pixel = begin; pixel < end; ++pixel) {  // pixel = n * S + s
       const int64_t n = pixel / S, s = pixel % S;
@@ -199,12 +200,12 @@ Tensor dropout_cpu(const Tensor& x_in, const Tensor& seed, double p) {
   auto run = [&](auto* xp, auto* yp) {
     if (!cpu_has_avx512()) return dropout_scalar(xp, yp, N, C, S, channels_last, q);
     if (channels_last) {
-      return at::parallel_for(0, N * S, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
+      return parallel_for_caller_last(0, N * S, std::max<int64_t>(1, 4096 / C), [&](int64_t begin, int64_t end) {
         dropout_nhwc_avx512(xp, yp, C, q, begin, end);
       });
     }
-    at::parallel_for(0, N * ((C + 3) / 4), 1,
-                     [&](int64_t begin, int64_t end) { dropout_nchw_avx512(xp, yp, C, S, q, begin, end); });
+    parallel_for_caller_last(0, N * ((C + 3) / 4), 1,
+                             [&](int64_t begin, int64_t end) { dropout_nchw_avx512(xp, yp, C, S, q, begin, end); });
   };
   if (x.scalar_type() == at::kFloat) {
     run(x.data_ptr<float>(), y.data_ptr<float>());

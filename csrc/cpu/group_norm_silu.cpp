@@ -30,6 +30,7 @@
 #include <utility>
 #include <vector>
 
+#include "parallel.h"
 #include "quantize.h"
 #include "silu.h"
 #include "simd.h"
@@ -44,7 +45,7 @@ inline float silu(float z) { return z / (1.f + std::exp(-z)); }
 // Tasks [0, tasks) shared by the threads: each owns an equal contiguous range and runs it front to
 // back a chunk at a time (about 8 chunks a thread); a thread done with its own range takes chunks
 // from the back of the others'. So a thread that starts late (an OpenMP worker asleep under
-// OMP_WAIT_POLICY=PASSIVE takes ~50 us to wake here) or runs slowly (a busy neighbour on its core)
+// OMP_WAIT_POLICY=PASSIVE takes 20-50 us to wake here) or runs slowly (a busy neighbour on its core)
 // ends up with less work, while an owner still reads its range as one stream.
 // fn(begin, end, extend): run tasks [begin, end); extend(end) claims the owner's next chunk, which
 // starts at end, and returns the new end (unchanged when there is none, or for a taken chunk).
@@ -87,7 +88,7 @@ void parallel_chunks(int64_t tasks, const F& fn) {
   const int64_t threads = at::get_num_threads();
   TaskRanges ranges(tasks, threads);
   const auto unchanged = [](int64_t end) { return end; };
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+  parallel_for_caller_last(0, threads, 1, [&](int64_t first, int64_t last) {
     for (int64_t own = first; own < last; ++own) {
       const auto extend = [&](int64_t end) {
         const auto [begin, next_end] = ranges.front(own);  // begin == end: only the owner moves the front
@@ -858,7 +859,7 @@ void backward_scalar(const Tensor& dy_t, const Tensor& x_t, Tensor& dx_t, const 
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   const float* sp = s.defined() ? s.data_ptr<float>() : nullptr;
 
-  at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_caller_last(0, N * G, 1, [&](int64_t begin, int64_t end) {
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / G, g = ng % G;
       const float mu = mean[ng], rs = rstd[ng];

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "quantize.h"
+#include "parallel.h"
 #include "simd.h"
 
 namespace ddpm_perf::cpu {
@@ -359,7 +360,7 @@ void conv_impl_amx(const Tensor& x, const Tensor& packed, int64_t O, const Epilo
   // one parallel region (a second region costs ~30 us per conv on the Zen 5 and ~100 us on the
   // Xeon when the threads sleep between regions). Rows no kept position reads stay unwritten:
   // only dropped positions read them.
-  at::parallel_for(0, N * blocks * groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_caller_last(0, N * blocks * groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t first = begin / groups, last = (end - 1) / groups;  // blocks over all images
     const int64_t n0 = first / blocks, n1 = last / blocks;
     Tensor buffer = at::empty({(n1 - n0 + 1) * image + slack}, x.options().dtype(at::kByte));
@@ -428,7 +429,7 @@ void conv_impl(const Tensor& x, const Tensor& packed, int64_t O, const Epilogue&
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = round_up((tiles + kChunk - 1) / kChunk, threads);
   const int64_t chunk_tiles = (tiles + chunks - 1) / chunks;
-  at::parallel_for(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_caller_last(0, chunks * groups, 1, [&](int64_t begin, int64_t end) {
     alignas(64) int32_t acc[kMR * kNB * 16];
     std::vector<uint8_t> local(pointwise && !in_place ? chunk_tiles * kMR * Cp : 0);  // pointwise: this chunk's pixels
     int64_t local_chunk = -1;
