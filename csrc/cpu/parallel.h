@@ -1,24 +1,25 @@
 // The CPU kernels' parallel regions: at::parallel_for, except that the calling thread, done with
-// its own range, spins until the other threads are done with theirs (for at most kJoinSpin) and so
-// reaches the region's join last. Under OMP_WAIT_POLICY=PASSIVE a thread that reaches the join
-// first goes to sleep there, and the thread that arrives last has to wake it: 20-30 us in this VM,
-// against ops of 50-400 us. The other threads may sleep at the join; nothing waits on their waking.
-// ("Waiting for the join awake", docs/performance.md.)
+// its own range, waits awake until the other threads are done with theirs (for at most kJoinWait)
+// and so reaches the region's join last. Under OMP_WAIT_POLICY=PASSIVE a thread that reaches the
+// join first goes to sleep there, and the thread that arrives last has to wake it: 20-30 us in
+// this VM, against ops of 50-400 us. The other threads may sleep at the join; nothing waits on
+// their waking. The caller yields while it waits, so that a thread sharing its core (a busy
+// neighbour, or a third thread of ours) runs meanwhile: spinning on pause instead cost 1-20% with
+// one core busy. ("Waiting at the join awake", docs/performance.md.)
 #pragma once
 
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <thread>
 
 namespace ddpm_perf::cpu {
 
-// About what a wake-up costs here: spinning first and sleeping after it costs at most twice the
-// better of the two (spin-then-block), and a neighbour on a shared machine loses at most this much
-// of a core per region.
-inline constexpr std::chrono::microseconds kJoinSpin{100};
+// Covers a late worker's start (20-45 us here under PASSIVE) and its last chunk; a longer wait
+// (a worker descheduled by a neighbour) falls back to the join's sleep.
+inline constexpr std::chrono::microseconds kJoinWait{100};
 
 template <typename F>
 void parallel_for_caller_last(int64_t begin, int64_t end, int64_t grain, const F& f) {
@@ -32,8 +33,8 @@ void parallel_for_caller_last(int64_t begin, int64_t end, int64_t grain, const F
     if (first == begin) {
       const auto since = std::chrono::steady_clock::now();
       while ((started.load() < end - begin || running.load() > 1) &&
-             std::chrono::steady_clock::now() - since < kJoinSpin)
-        _mm_pause();
+             std::chrono::steady_clock::now() - since < kJoinWait)
+        std::this_thread::yield();
     }
     running.fetch_sub(1);
   });
