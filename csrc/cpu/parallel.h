@@ -4,7 +4,7 @@
 // join first goes to sleep there, and the thread that arrives last has to wake it: 20-30 us in
 // this VM, against ops of 50-400 us. The other threads may sleep at the join; nothing waits on
 // their waking. The caller yields while it waits, so that a thread sharing its core (a busy
-// neighbour, or a third thread of ours) runs meanwhile: spinning on pause instead cost 1-20% with
+// neighbour, or a third thread of ours) runs meanwhile: spinning on pause instead cost 1-30% with
 // one core busy. ("Waiting at the join awake", docs/performance.md.)
 #pragma once
 
