@@ -27,8 +27,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "quantize.h"
 #include "parallel.h"
+#include "quantize.h"
 #include "simd.h"
 
 namespace ddpm_perf::cpu {
