@@ -580,7 +580,7 @@ OutputKernels<T, Y> output_kernels(Isa isa) {
 // its reader, while an ordinary store first reads each line it writes. On the Zen 4, fp32 NCHW,
 // two threads: 8 MiB and 12 MiB outputs 1.11-1.25x faster warm, 1.21-1.40x cold, 1.02-1.12x with
 // a consumer that reads y at once; 4 MiB outputs 0.94-0.98x warm (docs/performance.md, session
-// 27). channels_last, whose output pass reads a slice from L3 again, lost warm (0.64-1.05x).
+// 27). channels_last lost warm (0.64-1.05x).
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 // output_kernels<float, float, Act> with streamed stores in the row loops (NCHW). Every 32-value
