@@ -52,11 +52,12 @@ def test_forward_matches_reference(n, groups, cpg, h, w, dtype, channels_last, a
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape, groups", [((2, 96, 5, 7), 4), ((1, 160, 3, 16), 8), ((2, 200, 8, 5), 8),
-                                           ((1, 512, 4, 4), 32)])
+                                           ((1, 512, 4, 4), 32), ((1, 384, 20, 15), 32)])
 def test_forward_matches_reference_at_wide_channels(dtype, channels_last, shape, groups):
     """Whole blocks of 32 channels and a tail past them: the channels_last loops take a block's 32
     values at a time, in bf16 as its even and odd channels, with their parameters reordered to
-    match (the fuzz above stays below 36 channels)."""
+    match (the fuzz above stays below 36 channels). (1, 384, 20, 15): the channels_last
+    statistics in three blocks of 128 channels over a tile of 256 pixels and a last one of 44."""
     x, weight, bias, s = make(*shape, groups, dtype, channels_last, offset=3.0)
     y, mean, rstd = kernel(x, weight, bias, s, groups, True)
     y_ref, mean_ref, rstd_ref = reference.group_norm_silu(x, weight, bias, s, groups, 1e-5, True)
